@@ -1,0 +1,137 @@
+"""Typed, validated strategy configs (one dataclass per strategy).
+
+Every config: fields with types and defaults, validation in ``__post_init__`` (a bad value
+raises :class:`~ttaperso.errors.ConfigError` naming it), ``to_dict``/``from_dict`` for JSON,
+and ``replace(**overrides)``. Unknown keys are rejected with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal, TypeVar
+
+from .errors import ConfigError
+from .gates import Gate, gate_from_dict
+
+__all__ = ["StrategyConfig"]
+
+C = TypeVar("C", bound="StrategyConfig")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against a field's type hint; return it (ints widen to float)."""
+    origin = typing.get_origin(hint)
+    where = f"`{name}` of {owner}"
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"Expected argument {where} to be one of {list(choices)} but got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"Expected argument {where} to be a bool but got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"Expected argument {where} to be an int but got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"Expected argument {where} to be a number but got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"Expected argument {where} to be finite but got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"Expected argument {where} to be a str but got {value!r}")
+        return value
+    if origin is tuple and typing.get_args(hint)[:1] == (Gate,):
+        if isinstance(value, (Gate, Mapping)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"Expected argument {where} to be a list of gates but got {value!r}")
+        return tuple(gate_from_dict(g) for g in value)
+    raise ConfigError(f"Field {where} has an unsupported type {_type_name(hint)}")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Options every strategy shares.
+
+    Args:
+        gates: temporal-consistency gates a frame must pass to update the state
+            (:class:`~ttaperso.gates.TemporalGate`, :class:`~ttaperso.gates.EntropyGate`).
+        smoothing: output smoothing window in frames (1 = off). Averages the returned
+            probabilities over the subject's last ``smoothing`` frames.
+        episodic: reset the subject to the source state after every ``predict`` call.
+    """
+
+    strategy_name: ClassVar[str] = ""
+
+    gates: tuple[Gate, ...] = field(default=())
+    smoothing: int = 1
+    episodic: bool = False
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = _coerce(owner, f.name, hints[f.name], getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+        if self.smoothing < 1:
+            raise ConfigError(
+                f"Expected argument `smoothing` of {owner} to be >= 1 (1 = off) but got {self.smoothing!r}"
+            )
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks of a subclass (types are already checked)."""
+
+    def _check(self, name: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ConfigError(
+                f"Expected argument `{name}` of {type(self).__name__} to be {expected} "
+                f"but got {getattr(self, name)!r}"
+            )
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of the valid config keys."""
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def _reject_unknown(cls, keys: typing.Iterable[str]) -> None:
+        unknown = sorted(set(keys) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"Unknown config key(s) {unknown} for strategy {cls.strategy_name!r}; "
+                f"valid keys: {', '.join(cls.field_names())}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of the fields (gates as dicts)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = [g.to_dict() for g in value] if f.name == "gates" else value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        """Build a config from :meth:`to_dict` output; unknown keys raise ConfigError."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"Expected a mapping of config keys but got {type(data).__name__}")
+        cls._reject_unknown(data.keys())
+        return cls(**dict(data))
+
+    def replace(self: C, **overrides: Any) -> C:
+        """A copy with some fields changed (validated; unknown keys raise ConfigError)."""
+        self._reject_unknown(overrides.keys())
+        return dataclasses.replace(self, **overrides)

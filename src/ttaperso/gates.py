@@ -1,0 +1,181 @@
+"""Temporal-consistency gates and output smoothing.
+
+A gate decides, per frame, whether that frame may update a subject's state. Gates are
+small frozen config objects; whatever they remember (the recent predictions) lives in the
+subject's state under ``memory/gate<i>.<kind>.*``, so it is saved, restored and reset with
+the subject and never shared between subjects. A strategy's gates are combined with AND;
+every gate sees every frame (the temporal history records rejected frames too).
+
+Output smoothing (averaging the probabilities over the last few frames) is separate: it
+changes what ``predict`` returns, not what adapts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .functional import normalized_entropy
+
+__all__ = [
+    "Gate",
+    "TemporalGate",
+    "EntropyGate",
+    "gate_from_dict",
+    "list_gates",
+    "smooth_probs",
+]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Base class: admit every frame. Subclasses override :meth:`admit` and, when they
+    remember something, :meth:`init_memory`."""
+
+    kind: ClassVar[str] = "gate"
+
+    def init_memory(self, num_classes: int) -> dict[str, Tensor]:
+        """Initial memory of this gate for one subject (keys without the gate prefix)."""
+        return {}
+
+    def admit(self, memory: dict[str, Tensor], logits: Tensor, labels: Tensor) -> Tensor:
+        """Boolean mask ``(N,)`` of the frames that may update the state; updates ``memory``."""
+        return torch.ones(labels.shape[0], dtype=torch.bool)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description, inverse of :func:`gate_from_dict`."""
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class TemporalGate(Gate):
+    """Admit a frame only if its prediction is the majority of the last ``window`` predictions.
+
+    The window includes the frame itself, and the majority must hold at least
+    ``ceil(min_agreement * window)`` votes, so the first frames of a subject are not
+    admitted until enough history agrees (a video's first frames are cheap to skip).
+
+    Args:
+        window: number of recent predictions considered (W).
+        min_agreement: fraction of the window the frame's class must hold.
+    """
+
+    kind: ClassVar[str] = "temporal"
+    window: int = 5
+    min_agreement: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
+            raise ConfigError(
+                f"Expected argument `window` of TemporalGate to be a positive int but got {self.window!r}"
+            )
+        if not isinstance(self.min_agreement, (int, float)) or not 0.0 < self.min_agreement <= 1.0:
+            raise ConfigError(
+                "Expected argument `min_agreement` of TemporalGate to be in (0, 1] "
+                f"but got {self.min_agreement!r}"
+            )
+
+    @property
+    def required_votes(self) -> int:
+        return max(1, math.ceil(self.min_agreement * self.window - 1e-9))
+
+    def init_memory(self, num_classes: int) -> dict[str, Tensor]:
+        return {"history": torch.full((self.window,), -1, dtype=torch.int64)}
+
+    def admit(self, memory: dict[str, Tensor], logits: Tensor, labels: Tensor) -> Tensor:
+        history = memory["history"].tolist()
+        admitted: list[bool] = []
+        for label in labels.tolist():
+            history = history[1:] + [label]
+            votes = Counter(h for h in history if h >= 0)
+            top = max(votes.values())
+            admitted.append(votes[label] == top and votes[label] >= self.required_votes)
+        memory["history"] = torch.tensor(history, dtype=torch.int64)
+        return torch.tensor(admitted, dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class EntropyGate(Gate):
+    """Admit frames whose softmax entropy lies in ``[min_entropy, max_entropy)`` x ``ln C``.
+
+    Thresholds are fractions of ``ln C``: 0.4 is SAR/EATA's E0 = 0.4 ln C for any number of
+    classes (their code hard-codes ln 1000).
+    """
+
+    kind: ClassVar[str] = "entropy"
+    max_entropy: float = 0.4
+    min_entropy: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_entropy", "min_entropy"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(
+                    f"Expected argument `{name}` of EntropyGate to be a fraction of ln C in [0, 1] "
+                    f"but got {value!r}"
+                )
+        if self.min_entropy >= self.max_entropy:
+            raise ConfigError(
+                "Expected `min_entropy` < `max_entropy` in EntropyGate but got "
+                f"{self.min_entropy!r} >= {self.max_entropy!r}"
+            )
+
+    def admit(self, memory: dict[str, Tensor], logits: Tensor, labels: Tensor) -> Tensor:
+        h = normalized_entropy(logits.detach().float())
+        return (h >= self.min_entropy) & (h < self.max_entropy)
+
+
+_GATES: dict[str, type[Gate]] = {"temporal": TemporalGate, "entropy": EntropyGate}
+
+
+def list_gates() -> list[str]:
+    """Names of the available gate kinds."""
+    return sorted(_GATES)
+
+
+def gate_from_dict(spec: Mapping[str, Any] | Gate) -> Gate:
+    """Build a gate from ``{"kind": ..., **options}`` (a :class:`Gate` passes through)."""
+    if isinstance(spec, Gate):
+        return spec
+    if not isinstance(spec, Mapping) or "kind" not in spec:
+        raise ConfigError(
+            f"Expected a gate to be a Gate or a mapping with a 'kind' key but got {spec!r}"
+        )
+    kind = spec["kind"]
+    if kind not in _GATES:
+        raise ConfigError(f"Unknown gate kind {kind!r}; available: {', '.join(list_gates())}")
+    cls = _GATES[kind]
+    options = {k: v for k, v in spec.items() if k != "kind"}
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"Unknown option(s) {unknown} for gate {kind!r}; valid options: {', '.join(valid)}"
+        )
+    return cls(**options)
+
+
+def smooth_probs(memory: dict[str, Tensor], probs: Tensor, window: int) -> Tensor:
+    """Average each frame's probabilities with the previous ``window - 1`` frames' (in order).
+
+    ``memory`` holds the last ``window - 1`` probability rows (``smooth.probs``) of the
+    subject; it is updated in place.
+    """
+    if window <= 1:
+        return probs
+    past = memory["smooth.probs"]
+    sequence = torch.cat([past.to(probs.dtype), probs], dim=0)
+    n_past = past.shape[0]
+    out = torch.empty_like(probs)
+    for i in range(probs.shape[0]):
+        end = n_past + i + 1
+        out[i] = sequence[max(0, end - window):end].mean(dim=0)
+    memory["smooth.probs"] = sequence[-(window - 1):].detach().clone()
+    return out

@@ -1,0 +1,143 @@
+"""Batch normalization whose statistics a subject controls.
+
+The Personalizer's private copy of the model has every ``BatchNorm{1,2,3}d`` replaced by a
+:class:`SubjectBatchNorm` with the same parameter and buffer names. Its running buffers are
+swapped per subject (``torch.func.functional_call``); how they are mixed with the current
+batch is decided by a :class:`NormControl` that the runtime sets for one forward under its
+lock. Keeping the mode outside the module means no ``train()``/``eval()`` flipping and no
+``running_mean = None`` surgery (which is how TENT's reference code mutates the caller's
+model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ModelInterfaceError
+from .functional import mix_moments
+
+__all__ = ["NormControl", "SubjectBatchNorm", "convert_batchnorms", "norm_affine_parameters"]
+
+
+@dataclass
+class NormControl:
+    """Switches read by every :class:`SubjectBatchNorm` during one forward.
+
+    Attributes:
+        prior: weight, in frames, of the stored (running) statistics against the current
+            batch. ``math.inf`` uses the stored statistics only (plain eval mode); ``0``
+            uses the batch's own statistics (TENT's reference behaviour).
+        collect: when not ``None``, each layer writes its per-sample channel moments
+            ``(mean, mean of squares)``, each ``(N, C)``, under its module name, so a
+            strategy can update statistics from the frames its gates admitted.
+    """
+
+    prior: float = math.inf
+    collect: dict[str, tuple[Tensor, Tensor]] | None = None
+
+    def reset(self) -> None:
+        self.prior = math.inf
+        self.collect = None
+
+
+class SubjectBatchNorm(nn.Module):
+    """A BatchNorm layer (any dimensionality) driven by a shared :class:`NormControl`."""
+
+    def __init__(self, source: nn.modules.batchnorm._BatchNorm, name: str, control: NormControl):
+        super().__init__()
+        if source.running_mean is None or source.running_var is None:
+            raise ModelInterfaceError(
+                f"BatchNorm layer {name!r} keeps no running statistics "
+                "(track_running_stats=False); ttaperso needs the source statistics"
+            )
+        self.num_features = source.num_features
+        self.eps = source.eps
+        self.layer_name = name
+        # Reuse the (private copy's) tensors: no extra memory, identical state_dict names.
+        self.weight = source.weight
+        self.bias = source.bias
+        self.register_buffer("running_mean", source.running_mean)
+        self.register_buffer("running_var", source.running_var)
+        if source.num_batches_tracked is not None:
+            self.register_buffer("num_batches_tracked", source.num_batches_tracked)
+        # A plain attribute, not a submodule: the control is runtime state, not model state.
+        object.__setattr__(self, "_control", control)
+
+    def _affine(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        # F.batch_norm cannot differentiate through its mean/var arguments, and the mixed
+        # statistics must carry gradients for TENT, so the affine map is written out.
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        control: NormControl = self._control  # type: ignore[attr-defined]
+        reduce_dims = [0] + list(range(2, x.dim()))
+        if control.collect is not None:
+            spatial = list(range(2, x.dim()))
+            per_mean = x.mean(dim=spatial) if spatial else x
+            per_sq = (x * x).mean(dim=spatial) if spatial else x * x
+            control.collect[self.layer_name] = (per_mean.detach(), per_sq.detach())
+        prior = control.prior
+        if math.isinf(prior):
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias,
+                training=False, momentum=0.0, eps=self.eps,
+            )
+        if prior <= 0.0:
+            # Pure batch statistics: the fused kernel, no buffer update (running stats None).
+            return F.batch_norm(
+                x, None, None, self.weight, self.bias, training=True, momentum=0.0, eps=self.eps
+            )
+        batch_mean = x.mean(dim=reduce_dims)
+        batch_var = x.var(dim=reduce_dims, correction=0)
+        mean, var = mix_moments(
+            self.running_mean, self.running_var, prior, batch_mean, batch_var, float(x.shape[0])
+        )
+        return self._affine(x, mean, var)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, layer={self.layer_name!r}"
+
+
+def convert_batchnorms(module: nn.Module, control: NormControl) -> list[str]:
+    """Replace every BatchNorm in ``module`` (in place) by a :class:`SubjectBatchNorm`.
+
+    Only call this on the runtime's private copy of a model. Returns the replaced
+    module names in module order.
+    """
+    replaced: list[str] = []
+    for name, child in list(module.named_modules()):
+        for child_name, grandchild in list(child.named_children()):
+            if isinstance(grandchild, nn.modules.batchnorm._BatchNorm):
+                full = f"{name}.{child_name}" if name else child_name
+                setattr(child, child_name, SubjectBatchNorm(grandchild, full, control))
+                replaced.append(full)
+    return replaced
+
+
+_NORM_TYPES = (SubjectBatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
+
+
+def norm_affine_parameters(module: nn.Module) -> list[str]:
+    """Names of the affine weight/bias parameters of all normalization layers, in order.
+
+    Chosen by module type, never by name, so any architecture works.
+    """
+    names: list[str] = []
+    for mod_name, mod in module.named_modules():
+        if isinstance(mod, _NORM_TYPES):
+            for pname, param in mod.named_parameters(recurse=False):
+                if pname in ("weight", "bias") and param is not None:
+                    names.append(f"{mod_name}.{pname}" if mod_name else pname)
+    return names

@@ -1,0 +1,278 @@
+"""The Personalizer: one frozen model, one small adapted state per subject."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .config import StrategyConfig
+from .errors import InputError, StateFileError
+from .models import as_fer_model
+from .runtime import ModelRuntime
+from .state import SubjectState
+from .store import FORMAT_NAME, FORMAT_VERSION, FolderStore, StateStore
+from .strategies import build_strategy, get_config_class, make_config
+from .validation import validate_frames, validate_subject
+
+__all__ = ["Personalizer", "Prediction"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What :meth:`Personalizer.predict` returns for a batch of ``N`` frames.
+
+    Attributes:
+        subject: the subject id.
+        logits: ``(N, C)`` logits of the subject's model (before output smoothing).
+        probs: ``(N, C)`` class probabilities (smoothed over the subject's recent frames
+            when the strategy's ``smoothing`` > 1).
+        labels: ``(N,)`` predicted class indices (argmax of ``probs``).
+        updated: ``(N,)`` bool, True where the frame passed the gates and updated the
+            subject's state.
+        class_names: the model's class labels.
+    """
+
+    subject: str
+    logits: Tensor
+    probs: Tensor
+    labels: Tensor
+    updated: Tensor
+    class_names: tuple[str, ...]
+
+    @property
+    def names(self) -> list[str]:
+        """Predicted class names, one per frame."""
+        return [self.class_names[i] for i in self.labels.tolist()]
+
+
+def _as_store(target: str | Path | StateStore) -> StateStore:
+    if isinstance(target, (str, Path)):
+        return FolderStore(target)
+    if isinstance(target, StateStore):
+        return target
+    raise InputError(f"Expected a folder path or a StateStore but got {type(target).__name__}")
+
+
+class Personalizer:
+    """Personalize one frozen FER model to many subjects at inference time, without labels.
+
+    Args:
+        model: a :class:`~ttaperso.model.FERModel` (from :func:`ttaperso.load_model` or an
+            adapter) or a plain ``nn.Module`` classifier together with ``labels`` and
+            ``input_shape`` (and ``head`` for strategies that need features).
+        strategy: a registered strategy name (see :func:`ttaperso.list_strategies`) or a
+            config object such as ``TentConfig(lr=1e-4)``.
+        labels, input_shape, head, input_range: describe a plain ``nn.Module``.
+        **options: overrides of the strategy's config keys (``lr=1e-4``, ...).
+
+    The model is copied once and frozen; the caller's model is never modified. Each
+    subject owns only the tensors its strategy changes; all subjects share the copy.
+    Methods are thread-safe (one lock per Personalizer).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: str | StrategyConfig = "tent",
+        *,
+        labels: Sequence[str] | None = None,
+        input_shape: tuple[int, int | None, int | None] | None = None,
+        head: str | None = None,
+        input_range: tuple[float, float] | None = None,
+        **options: Any,
+    ) -> None:
+        config = make_config(strategy, **options)
+        fer_model = as_fer_model(
+            model, labels=labels, input_shape=input_shape, head=head, input_range=input_range
+        )
+        self._runtime = ModelRuntime(fer_model)
+        self._strategy = build_strategy(config, self._runtime)
+        self._states: dict[str, SubjectState] = {}
+        self._lock = self._runtime.lock
+
+    # ------------------------------------------------------------ properties
+    @property
+    def config(self) -> StrategyConfig:
+        """The strategy's config."""
+        return self._strategy.config
+
+    @property
+    def strategy_name(self) -> str:
+        return self._strategy.config.strategy_name
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Class names, in logit order."""
+        return self._runtime.labels
+
+    @property
+    def model(self) -> nn.Module:
+        """The Personalizer's private frozen copy of the model (read-only by convention)."""
+        return self._runtime.module
+
+    @property
+    def model_digest(self) -> str:
+        """SHA-256 of the base model's weights; saved states are bound to it."""
+        return self._runtime.source_digest
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        """Ids of the subjects that have a state, in order of first appearance."""
+        with self._lock:
+            return tuple(self._states)
+
+    # ----------------------------------------------------------------- core
+    def predict(self, frames: Tensor, subject: str) -> Prediction:
+        """Predict ``frames`` (``(N, C, H, W)``, preprocessed) for ``subject`` and adapt its state.
+
+        ``N`` may be 1: strategies that need a batch accumulate frames in the subject's
+        state. The returned predictions are made before this call's update. Invalid
+        input raises :class:`~ttaperso.errors.InputError` and changes no state.
+        """
+        subject = validate_subject(subject)
+        x = validate_frames(frames, self._runtime.module, dtype=self._runtime.dtype, device=self._runtime.device)
+        with self._lock:
+            state = self._states.get(subject)
+            working = state if state is not None else self._strategy.initial_state()
+            result = self._strategy.step(working, x)
+            if self.config.episodic:
+                working = self._strategy.initial_state()
+            self._states[subject] = working
+        return Prediction(
+            subject=subject,
+            logits=result.logits,
+            probs=result.probs,
+            labels=result.labels,
+            updated=result.updated,
+            class_names=self.labels,
+        )
+
+    @torch.no_grad()
+    def predict_frozen(self, frames: Tensor) -> Tensor:
+        """Logits of the unadapted model (no subject, nothing stored)."""
+        x = validate_frames(frames, self._runtime.module, dtype=self._runtime.dtype, device=self._runtime.device)
+        return self._runtime.forward({}, x).logits
+
+    def reset(self, subject: str | None = None) -> None:
+        """Forget one subject's adaptation (or every subject's when ``subject`` is None)."""
+        with self._lock:
+            if subject is None:
+                self._states.clear()
+                return
+            validate_subject(subject)
+            if subject not in self._states:
+                raise InputError(f"Unknown subject {subject!r}; known subjects: {list(self._states)[:20]}")
+            del self._states[subject]
+
+    def state_dict(self, subject: str) -> dict[str, Tensor]:
+        """A copy of the subject's state tensors under their on-disk keys."""
+        with self._lock:
+            if subject not in self._states:
+                raise InputError(f"Unknown subject {subject!r}")
+            return {k: v.detach().clone() for k, v in self._states[subject].flat().items()}
+
+    def state_nbytes(self, subject: str | None = None) -> int:
+        """Bytes held by one subject's state (or by a fresh subject's when None)."""
+        with self._lock:
+            if subject is None:
+                return self._strategy.initial_state().nbytes()
+            if subject not in self._states:
+                raise InputError(f"Unknown subject {subject!r}")
+            return self._states[subject].nbytes()
+
+    # ---------------------------------------------------------- persistence
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "ttaperso_version": __version__,
+            "strategy": self.strategy_name,
+            "config": self.config.to_dict(),
+            "model_digest": self.model_digest,
+            "model_name": self._runtime.module.model_name,
+        }
+
+    def save(self, target: str | Path | StateStore, subjects: Iterable[str] | None = None) -> list[str]:
+        """Write subject states (all, or the ones named) to a folder or store; return their ids.
+
+        Each subject's file is replaced atomically; a crash leaves the previous file intact.
+        """
+        store = _as_store(target)
+        with self._lock:
+            names = list(self._states) if subjects is None else list(subjects)
+            unknown = [s for s in names if s not in self._states]
+            if unknown:
+                raise InputError(f"Unknown subject(s) {unknown[:10]}; known: {list(self._states)[:20]}")
+            snapshot = {s: self._states[s].clone() for s in names}
+        metadata = self._metadata()
+        for subject, state in snapshot.items():
+            store.write(subject, state.flat(), metadata)
+        return names
+
+    def load(self, target: str | Path | StateStore, subjects: Iterable[str] | None = None) -> list[str]:
+        """Load subject states (all in the store, or the ones named); return their ids.
+
+        Every file is checked first (format, base-model digest, strategy, tensor layout);
+        if any is refused, :class:`~ttaperso.errors.StateFileError` is raised and no
+        subject changes. Loaded subjects replace in-memory ones with the same id.
+        """
+        store = _as_store(target)
+        if subjects is None:
+            if not isinstance(store, FolderStore):
+                entries = {s: store.read(s) for s in store.subjects()}
+            else:
+                entries = store.read_all()
+        else:
+            entries = {validate_subject(s): store.read(s) for s in subjects}
+        loaded: dict[str, SubjectState] = {}
+        for subject, (tensors, metadata) in entries.items():
+            loaded[subject] = self._check_loaded(subject, tensors, metadata, store)
+        with self._lock:
+            self._states.update(loaded)
+        return list(loaded)
+
+    def _check_loaded(
+        self, subject: str, tensors: dict[str, Tensor], metadata: dict[str, Any], store: StateStore
+    ) -> SubjectState:
+        where = f"{store!r} subject {subject!r}"
+        digest = metadata.get("model_digest")
+        if digest != self.model_digest:
+            raise StateFileError(
+                f"{where}: state was made for another model (digest {str(digest)[:12]}..., "
+                f"model {metadata.get('model_name')!r}); this Personalizer's model is "
+                f"{self.model_digest[:12]}... ({self._runtime.module.model_name!r})"
+            )
+        if metadata.get("strategy") != self.strategy_name:
+            raise StateFileError(
+                f"{where}: state was made by strategy {metadata.get('strategy')!r}, "
+                f"this Personalizer runs {self.strategy_name!r}"
+            )
+        try:
+            saved_config = get_config_class(self.strategy_name).from_dict(metadata.get("config", {}))
+        except Exception as exc:  # noqa: BLE001 - any malformed config is a bad file
+            raise StateFileError(f"{where}: unreadable strategy config ({exc})") from exc
+        if saved_config != self.config:
+            log.warning(
+                "%s: saved with config %s, continuing with %s",
+                where, json.dumps(saved_config.to_dict()), json.dumps(self.config.to_dict()),
+            )
+        try:
+            state = SubjectState.from_flat(tensors)
+        except KeyError as exc:
+            raise StateFileError(f"{where}: unexpected tensor key {exc}") from exc
+        self._strategy.check_state(state, where)
+        device = self._runtime.device
+        return SubjectState(
+            **{group: {k: v.to(device) for k, v in getattr(state, group).items()}
+               for group in ("params", "buffers", "optim", "memory")}
+        )

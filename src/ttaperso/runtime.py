@@ -1,0 +1,139 @@
+"""The shared, frozen model and how a subject's tensors are swapped into it."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import threading
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .model import FERModel
+from .norm_layers import NormControl, SubjectBatchNorm, convert_batchnorms
+
+__all__ = ["ModelRuntime", "ForwardOutput", "model_digest"]
+
+
+def model_digest(module: nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a module's state_dict."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class ForwardOutput:
+    """What one forward of a subject produced.
+
+    ``leaves`` are the trainable tensors (views of the subject's parameters with
+    ``requires_grad``) the logits depend on; ``moments`` the per-sample BN moments when
+    they were collected.
+    """
+
+    logits: Tensor
+    features: Tensor | None
+    leaves: dict[str, Tensor]
+    moments: dict[str, tuple[Tensor, Tensor]] | None
+
+
+class ModelRuntime:
+    """One private, frozen copy of a :class:`FERModel` shared by all subjects.
+
+    The caller's model is copied once (never per subject) so that nothing the runtime
+    does (BN layer replacement, requires_grad, mode flags) can touch it, and so that a
+    caller who keeps training their model does not silently change every subject's base.
+    """
+
+    def __init__(self, model: FERModel) -> None:
+        self.source_digest = model_digest(model)
+        module = copy.deepcopy(model)
+        module.eval()
+        module.requires_grad_(False)
+        self.control = NormControl()
+        self.bn_layers = convert_batchnorms(module, self.control)
+        self.module: FERModel = module
+        self.lock = threading.RLock()
+        params = dict(module.named_parameters())
+        buffers = dict(module.named_buffers())
+        self.parameters: dict[str, Tensor] = params
+        self.buffers: dict[str, Tensor] = buffers
+        self.device = next(iter(params.values())).device if params else torch.device("cpu")
+        self.dtype = next((t.dtype for t in params.values() if t.is_floating_point()), torch.float32)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.module.labels
+
+    @property
+    def num_classes(self) -> int:
+        return self.module.num_classes
+
+    def bn_modules(self) -> dict[str, SubjectBatchNorm]:
+        """The runtime's BatchNorm layers by name, in module order."""
+        modules = dict(self.module.named_modules())
+        return {name: modules[name] for name in self.bn_layers}  # type: ignore[misc]
+
+    def digest(self) -> str:
+        """Digest of the private copy now (equals :attr:`source_digest` unless it was mutated)."""
+        return model_digest(self.module)
+
+    @contextmanager
+    def _norm_mode(self, prior: float, collect: bool) -> Iterator[NormControl]:
+        self.control.prior = prior
+        self.control.collect = {} if collect else None
+        try:
+            yield self.control
+        finally:
+            self.control.reset()
+
+    def forward(
+        self,
+        tensors: Mapping[str, Tensor],
+        frames: Tensor,
+        *,
+        trainable: tuple[str, ...] = (),
+        bn_prior: float = math.inf,
+        collect_moments: bool = False,
+        return_features: bool = False,
+    ) -> ForwardOutput:
+        """Run the shared model with a subject's ``tensors`` swapped in.
+
+        Args:
+            tensors: the subject's parameters and buffers by name (others stay shared).
+            frames: preprocessed ``(N, C, H, W)`` frames.
+            trainable: names (a subset of ``tensors``) to differentiate with respect to;
+                gradients are taken on views, so the subject's tensors are only changed
+                by the strategy's explicit update.
+            bn_prior: weight in frames of the swapped-in BN statistics against the batch
+                (``inf``: stored statistics only; ``0``: batch statistics only).
+            collect_moments: also return per-sample BN moments for statistic updates.
+            return_features: also return ``features(x)`` (needs a features/head split).
+        """
+        call_tensors = dict(tensors)
+        leaves: dict[str, Tensor] = {}
+        for name in trainable:
+            leaf = call_tensors[name].detach().requires_grad_(True)
+            call_tensors[name] = leaf
+            leaves[name] = leaf
+        with self.lock, self._norm_mode(bn_prior, collect_moments) as control, \
+                torch.set_grad_enabled(bool(trainable)):
+            out = functional_call(
+                self.module, call_tensors, (frames,), {"return_features": return_features},
+                tie_weights=False, strict=False,
+            )
+            moments = control.collect
+        if return_features:
+            logits, features = out
+        else:
+            logits, features = out, None
+        return ForwardOutput(logits=logits, features=features, leaves=leaves, moments=moments)

@@ -1,0 +1,210 @@
+"""The strategy base class: owns the per-call loop; strategies fill in a few hooks.
+
+Loop of one ``predict`` call for one subject (under the Personalizer's lock):
+
+1. ``forward``: run the shared model with the subject's tensors (hook, default provided);
+2. refuse non-finite outputs before anything is written;
+3. gates: which frames may update the state (every gate sees every frame);
+4. ``adapt``: update the subject's state from the admitted frames (hook);
+5. output smoothing over the subject's recent frames.
+
+Hooks a strategy overrides: :meth:`Strategy.init_state` (which tensors it owns),
+:meth:`Strategy.trainable`, :meth:`Strategy.bn_prior`, :meth:`Strategy.collects_moments`
+and :meth:`Strategy.adapt`. All are no-ops or "nothing" by default, so ``source`` is the
+base class itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..config import StrategyConfig
+from ..errors import InputError, StateFileError
+from ..gates import smooth_probs
+from ..runtime import ForwardOutput, ModelRuntime
+from ..state import SubjectState
+
+__all__ = ["Strategy", "StepResult", "optimizer_step"]
+
+
+@dataclass
+class StepResult:
+    """Per-frame outputs of one step (detached)."""
+
+    logits: Tensor
+    probs: Tensor
+    labels: Tensor
+    updated: Tensor
+
+
+class Strategy:
+    """Base class of all strategies (and the ``source`` strategy: no adaptation)."""
+
+    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+    #: memory keys whose first dimension may vary (validated on dtype and trailing shape)
+    variable_memory: ClassVar[tuple[str, ...]] = ("smooth.probs",)
+    #: memory key prefixes that may appear later in a subject's life
+    optional_memory: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: StrategyConfig, runtime: ModelRuntime) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.num_classes = runtime.num_classes
+        self._initial = self._complete_state(self.init_state())
+
+    # ----------------------------------------------------------------- hooks
+    def init_state(self) -> SubjectState:
+        """The tensors a fresh subject owns (clones of the source values)."""
+        return SubjectState()
+
+    def trainable(self, state: SubjectState) -> tuple[str, ...]:
+        """Parameter names the prediction forward differentiates with respect to."""
+        return ()
+
+    def bn_prior(self, state: SubjectState) -> float:
+        """Weight (frames) of the subject's BN statistics vs the current batch (inf: eval)."""
+        return math.inf
+
+    def collects_moments(self) -> bool:
+        """Whether the prediction forward records per-sample BN moments."""
+        return False
+
+    def adapt(self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor) -> Tensor:
+        """Update ``state`` from the admitted frames; return the mask of frames that did."""
+        return torch.zeros_like(admitted)
+
+    # ------------------------------------------------------------ machinery
+    def _complete_state(self, state: SubjectState) -> SubjectState:
+        for i, gate in enumerate(self.config.gates):
+            for key, value in gate.init_memory(self.num_classes).items():
+                state.memory[f"gate{i}.{gate.kind}.{key}"] = value
+        if self.config.smoothing > 1:
+            state.memory["smooth.probs"] = torch.zeros(0, self.num_classes)
+        return state
+
+    def initial_state(self) -> SubjectState:
+        """A fresh subject's state (an independent copy)."""
+        return self._initial.clone()
+
+    def forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
+        """Prediction forward of one subject (override for strategies with their own head)."""
+        return self.runtime.forward(
+            state.model_tensors(), frames,
+            trainable=self.trainable(state),
+            bn_prior=self.bn_prior(state),
+            collect_moments=self.collects_moments(),
+        )
+
+    def apply_gates(self, state: SubjectState, logits: Tensor, labels: Tensor) -> Tensor:
+        """AND of all gates; each gate's memory is read from and written to ``state``."""
+        admitted = torch.ones(labels.shape[0], dtype=torch.bool)
+        for i, gate in enumerate(self.config.gates):
+            prefix = f"gate{i}.{gate.kind}."
+            memory = {k[len(prefix):]: v for k, v in state.memory.items() if k.startswith(prefix)}
+            admitted &= gate.admit(memory, logits, labels).to(torch.bool).cpu()
+            for key, value in memory.items():
+                state.memory[prefix + key] = value
+        return admitted
+
+    def step(self, state: SubjectState, frames: Tensor) -> StepResult:
+        """One predict call for one subject: forward, gates, adapt, smoothing."""
+        out = self.forward(state, frames)
+        logits = out.logits
+        if not torch.isfinite(logits).all():
+            # Raised before any write: a bad frame must never poison a subject's state.
+            raise InputError(
+                "The model produced non-finite logits for these frames (extreme input values?); "
+                "the subject's state was not changed"
+            )
+        detached = logits.detach()
+        labels = detached.argmax(dim=1).cpu()
+        admitted = self.apply_gates(state, detached, labels)
+        updated = self.adapt(state, frames, out, admitted).to(torch.bool).cpu()
+        probs = detached.softmax(dim=1)
+        if self.config.smoothing > 1:
+            probs = smooth_probs(state.memory, probs.cpu(), self.config.smoothing).to(probs.device)
+            labels = probs.argmax(dim=1).cpu()
+        return StepResult(logits=detached, probs=probs, labels=labels, updated=updated)
+
+    def check_state(self, state: SubjectState, source: str) -> None:
+        """Refuse a loaded state whose tensors do not fit this strategy and model."""
+        ref = self._initial
+        for group in ("params", "buffers"):
+            got, want = getattr(state, group), getattr(ref, group)
+            if got.keys() != want.keys():
+                missing = sorted(want.keys() - got.keys())[:5]
+                extra = sorted(got.keys() - want.keys())[:5]
+                raise StateFileError(
+                    f"{source}: {group} do not match this strategy/model "
+                    f"(missing {missing}, unexpected {extra})"
+                )
+            for key, tensor in got.items():
+                _check_like(source, f"{group}/{key}", tensor, want[key], variable=False)
+        for key, tensor in state.memory.items():
+            if key in ref.memory:
+                _check_like(source, f"memory/{key}", tensor, ref.memory[key],
+                            variable=key in self.variable_memory)
+            elif not key.startswith(self.optional_memory) or not self.optional_memory:
+                raise StateFileError(f"{source}: unexpected tensor memory/{key} for this strategy")
+        missing_memory = sorted(ref.memory.keys() - state.memory.keys())
+        if missing_memory:
+            raise StateFileError(f"{source}: missing tensors {['memory/' + k for k in missing_memory]}")
+        param_names = set(ref.params)
+        for key, tensor in state.optim.items():
+            owner = key.rpartition("/")[0]
+            if owner not in param_names:
+                raise StateFileError(f"{source}: optimizer state optim/{key} names no adapted parameter")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise StateFileError(f"{source}: optim/{key} holds non-finite values")
+
+
+def _check_like(source: str, key: str, got: Tensor, want: Tensor, *, variable: bool) -> None:
+    if variable:
+        # First dimension free; trailing dimensions fixed where the reference knows them.
+        shape_ok = got.dim() == want.dim() and all(
+            w in (0, g) for g, w in zip(got.shape[1:], want.shape[1:])
+        )
+    else:
+        shape_ok = got.shape == want.shape
+    if got.dtype != want.dtype or not shape_ok:
+        raise StateFileError(
+            f"{source}: tensor {key} is {got.dtype} {tuple(got.shape)}, expected "
+            f"{want.dtype} {tuple(want.shape)}"
+        )
+    if got.is_floating_point() and not torch.isfinite(got).all():
+        raise StateFileError(f"{source}: tensor {key} holds non-finite values")
+
+
+OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
+
+
+@torch.no_grad()
+def optimizer_step(state: SubjectState, grads: dict[str, Tensor], make: OptimizerFactory) -> None:
+    """Apply one step of a torch optimizer to the subject's parameters.
+
+    The optimizer object is built for this step only and its per-parameter state (moments,
+    step counts) is loaded from and stored back to ``state.optim`` under
+    ``<param>/<key>``: the subject owns its moments, torch owns the update rule.
+    """
+    names = list(grads)
+    params = [state.params[n] for n in names]
+    optimizer = make(params)
+    for name, param in zip(names, params):
+        prefix = f"{name}/"
+        saved = {k[len(prefix):]: v for k, v in state.optim.items() if k.startswith(prefix)}
+        if saved:
+            optimizer.state[param] = saved
+        param.grad = grads[name].to(param.dtype)
+    optimizer.step()
+    for name, param in zip(names, params):
+        param.grad = None
+        for key, value in optimizer.state[param].items():
+            state.optim[f"{name}/{key}"] = (
+                value if isinstance(value, Tensor) else torch.tensor(value)
+            )

@@ -1,0 +1,112 @@
+"""``norm``: per-subject BatchNorm statistics (no gradients).
+
+The statistics used for a batch are a mixture, weighted in frames, of the subject's
+estimate and the batch's own statistics (Schneider et al. 2020's prior ``N``, with the
+mixture variance). The subject's estimate starts as the source statistics with weight
+``source_prior`` and, when ``accumulate`` is on, absorbs the frames the gates admit, up to
+``max_frames`` of memory. Special cases:
+
+* ``source_prior=0, accumulate=False``: each batch's own statistics (TENT's reference BN
+  adaptation, "BN batch statistics" in FACTS.md section 4);
+* ``source_prior>0, accumulate=False``: source + batch mixture only;
+* default: a running per-subject estimate. A video batch of a few nearly identical frames
+  moves it by little, where pure batch statistics of such a batch collapse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import StrategyConfig
+from ..errors import ModelInterfaceError
+from ..functional import mix_moments
+from ..runtime import ForwardOutput
+from ..state import SubjectState
+from .base import Strategy
+
+__all__ = ["NormConfig", "NormStrategy"]
+
+
+@dataclass(frozen=True)
+class NormConfig(StrategyConfig):
+    """Options of BN statistics adaptation.
+
+    Args:
+        source_prior: weight, in frames, of the source statistics in a fresh subject's
+            estimate (0: batch statistics only).
+        accumulate: admitted frames update the subject's running estimate.
+        max_frames: cap on the estimate's weight; beyond it older frames fade
+            geometrically (an exponential moving average with momentum 1/max_frames).
+    """
+
+    strategy_name = "norm"
+    source_prior: float = 16.0
+    accumulate: bool = True
+    max_frames: int = 512
+
+    def validate(self) -> None:
+        super().validate()
+        self._check("source_prior", self.source_prior >= 0.0, "a number >= 0")
+        self._check("max_frames", self.max_frames >= 1, "an int >= 1")
+        self._check(
+            "max_frames", self.max_frames >= self.source_prior, "at least `source_prior`"
+        )
+
+
+class NormStrategy(Strategy):
+    """Per-subject BN statistics; base class of the gradient strategies that keep them."""
+
+    config_class = NormConfig
+    config: NormConfig
+
+    def __init__(self, config: NormConfig, runtime) -> None:  # type: ignore[no-untyped-def]
+        if not runtime.bn_layers:
+            raise ModelInterfaceError(
+                f"Strategy {config.strategy_name!r} adapts BatchNorm statistics but model "
+                f"{runtime.module.model_name!r} has no BatchNorm layer"
+            )
+        super().__init__(config, runtime)
+
+    def init_state(self) -> SubjectState:
+        state = SubjectState()
+        if self.config.accumulate:
+            for name in self.runtime.bn_layers:
+                for buf in ("running_mean", "running_var"):
+                    key = f"{name}.{buf}"
+                    state.buffers[key] = self.runtime.buffers[key].detach().clone()
+            state.memory["norm.count"] = torch.tensor(self.config.source_prior, dtype=torch.float64)
+        return state
+
+    def bn_prior(self, state: SubjectState) -> float:
+        if self.config.accumulate:
+            return float(state.memory["norm.count"])
+        return self.config.source_prior
+
+    def collects_moments(self) -> bool:
+        return self.config.accumulate
+
+    @torch.no_grad()
+    def update_statistics(self, state: SubjectState, out: ForwardOutput, admitted: Tensor) -> Tensor:
+        """Fold the admitted frames' BN moments into the subject's estimate."""
+        if not self.config.accumulate or out.moments is None or not bool(admitted.any()):
+            return torch.zeros_like(admitted)
+        index = admitted.nonzero().squeeze(1).to(out.logits.device)
+        k = float(index.numel())
+        count = float(state.memory["norm.count"])
+        for name in self.runtime.bn_layers:
+            per_mean, per_sq = out.moments[name]
+            mean_b = per_mean.index_select(0, index).mean(dim=0)
+            var_b = (per_sq.index_select(0, index).mean(dim=0) - mean_b**2).clamp_min(0.0)
+            running_mean = state.buffers[f"{name}.running_mean"]
+            running_var = state.buffers[f"{name}.running_var"]
+            mean, var = mix_moments(running_mean, running_var, count, mean_b, var_b, k)
+            running_mean.copy_(mean)
+            running_var.copy_(var)
+        state.memory["norm.count"].fill_(min(count + k, float(self.config.max_frames)))
+        return admitted.clone()
+
+    def adapt(self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor) -> Tensor:
+        return self.update_statistics(state, out, admitted)
