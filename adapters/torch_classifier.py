@@ -36,7 +36,9 @@ class TorchClassifier(FERModel):
         input_range: tuple[float, float] | None = None,
         name: str | None = None,
     ) -> None:
-        super().__init__(labels, input_shape, input_range=input_range, name=name or type(network).__name__)
+        super().__init__(
+            labels, input_shape, input_range=input_range, name=name or type(network).__name__
+        )
         self.network = network
         self.head_name = head
         if head is not None:

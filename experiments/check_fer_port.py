@@ -25,12 +25,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
 from ttaperso.adapters.fer_mini_xception import (
     MiniXception,
     load_fer_mini_xception,
     preprocess_gray,
 )
-
 from ttaperso.faces import crop_face_like_fer, load_gray
 
 JAFFE_CODES = {

@@ -125,9 +125,8 @@ def all_states(p: ttaperso.Personalizer) -> dict[str, dict[str, Tensor]]:
     return {s: p.state_dict(s) for s in p.subjects}
 
 
-#: state keys where NaN is a documented "empty" sentinel (SAR's loss EMA before its first
-#: update and right after a recovery)
-NAN_SENTINELS: frozenset[str] = frozenset({"memory/sar.ema"})
+#: state keys where NaN is a documented "empty" sentinel (none today)
+NAN_SENTINELS: frozenset[str] = frozenset()
 
 
 def assert_states_finite(state: Mapping[str, Tensor], allow_sentinels: bool = True) -> None:

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from ttaperso.adapters import fer_mini_xception as fmx
 
+from ttaperso.adapters import fer_mini_xception as fmx
 from ttaperso.errors import InputError, ModelInterfaceError
 from ttaperso.faces import _to_square, crop_face_like_fer, load_gray
 

@@ -33,7 +33,9 @@ def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
-            raise ConfigError(f"Expected argument {where} to be one of {list(choices)} but got {value!r}")
+            raise ConfigError(
+                f"Expected argument {where} to be one of {list(choices)} but got {value!r}"
+            )
         return value
     if hint is bool:
         if not isinstance(value, bool):
@@ -58,7 +60,9 @@ def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
         if isinstance(value, (Gate, Mapping)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"Expected argument {where} to be a list of gates but got {value!r}")
         return tuple(gate_from_dict(g) for g in value)
-    raise ConfigError(f"Field {where} has an unsupported type {_type_name(hint)}")  # pragma: no cover
+    raise ConfigError(
+        f"Field {where} has an unsupported type {_type_name(hint)}"
+    )  # pragma: no cover
 
 
 @dataclass(frozen=True)

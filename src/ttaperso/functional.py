@@ -44,8 +44,12 @@ def window_majority(history: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
 
 
 def mix_moments(
-    mean_a: Tensor, var_a: Tensor, weight_a: float | Tensor,
-    mean_b: Tensor, var_b: Tensor, weight_b: float | Tensor,
+    mean_a: Tensor,
+    var_a: Tensor,
+    weight_a: float | Tensor,
+    mean_b: Tensor,
+    var_b: Tensor,
+    weight_b: float | Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Mean and variance of the mixture of two populations with the given weights.
 

@@ -116,7 +116,11 @@ class EntropyGate(Gate):
     def __post_init__(self) -> None:
         for name in ("max_entropy", "min_entropy"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0.0 <= value <= 1.0
+            ):
                 raise ConfigError(
                     f"Expected argument `{name}` of EntropyGate to be a fraction of ln C in [0, 1] "
                     f"but got {value!r}"
@@ -176,6 +180,6 @@ def smooth_probs(memory: dict[str, Tensor], probs: Tensor, window: int) -> Tenso
     out = torch.empty_like(probs)
     for i in range(probs.shape[0]):
         end = n_past + i + 1
-        out[i] = sequence[max(0, end - window):end].mean(dim=0)
-    memory["smooth.probs"] = sequence[-(window - 1):].detach().clone()
+        out[i] = sequence[max(0, end - window) : end].mean(dim=0)
+    memory["smooth.probs"] = sequence[-(window - 1) :].detach().clone()
     return out

@@ -57,7 +57,9 @@ class FERModel(nn.Module):
             )
         self.labels: tuple[str, ...] = labels
         self.input_shape = tuple(input_shape)
-        self.input_range = None if input_range is None else (float(input_range[0]), float(input_range[1]))
+        self.input_range = (
+            None if input_range is None else (float(input_range[0]), float(input_range[1]))
+        )
         self.model_name = name
 
     @property

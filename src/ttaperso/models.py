@@ -52,8 +52,16 @@ def as_fer_model(
 ) -> FERModel:
     """Return ``model`` as a :class:`FERModel` (wrapping plain ``nn.Module`` classifiers)."""
     if isinstance(model, FERModel):
-        given = {k: v for k, v in {"labels": labels, "input_shape": input_shape, "head": head,
-                                   "input_range": input_range}.items() if v is not None}
+        given = {
+            k: v
+            for k, v in {
+                "labels": labels,
+                "input_shape": input_shape,
+                "head": head,
+                "input_range": input_range,
+            }.items()
+            if v is not None
+        }
         if given:
             raise ModelInterfaceError(
                 f"Model {model.model_name!r} already states its interface; do not pass {sorted(given)}"

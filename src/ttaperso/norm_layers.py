@@ -91,8 +91,14 @@ class SubjectBatchNorm(nn.Module):
         prior = control.prior
         if math.isinf(prior):
             return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias,
-                training=False, momentum=0.0, eps=self.eps,
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                training=False,
+                momentum=0.0,
+                eps=self.eps,
             )
         if prior <= 0.0:
             # Pure batch statistics: the fused kernel, no buffer update (running stats None).

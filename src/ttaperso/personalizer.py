@@ -140,7 +140,9 @@ class Personalizer:
         input raises :class:`~ttaperso.errors.InputError` and changes no state.
         """
         subject = validate_subject(subject)
-        x = validate_frames(frames, self._runtime.module, dtype=self._runtime.dtype, device=self._runtime.device)
+        x = validate_frames(
+            frames, self._runtime.module, dtype=self._runtime.dtype, device=self._runtime.device
+        )
         with self._lock:
             state = self._states.get(subject)
             working = state if state is not None else self._strategy.initial_state()
@@ -160,7 +162,9 @@ class Personalizer:
     @torch.no_grad()
     def predict_frozen(self, frames: Tensor) -> Tensor:
         """Logits of the unadapted model (no subject, nothing stored)."""
-        x = validate_frames(frames, self._runtime.module, dtype=self._runtime.dtype, device=self._runtime.device)
+        x = validate_frames(
+            frames, self._runtime.module, dtype=self._runtime.dtype, device=self._runtime.device
+        )
         return self._runtime.forward({}, x).logits
 
     def reset(self, subject: str | None = None) -> None:
@@ -171,7 +175,9 @@ class Personalizer:
                 return
             validate_subject(subject)
             if subject not in self._states:
-                raise InputError(f"Unknown subject {subject!r}; known subjects: {list(self._states)[:20]}")
+                raise InputError(
+                    f"Unknown subject {subject!r}; known subjects: {list(self._states)[:20]}"
+                )
             del self._states[subject]
 
     def state_dict(self, subject: str) -> dict[str, Tensor]:
@@ -202,7 +208,9 @@ class Personalizer:
             "model_name": self._runtime.module.model_name,
         }
 
-    def save(self, target: str | Path | StateStore, subjects: Iterable[str] | None = None) -> list[str]:
+    def save(
+        self, target: str | Path | StateStore, subjects: Iterable[str] | None = None
+    ) -> list[str]:
         """Write subject states (all, or the ones named) to a folder or store; return their ids.
 
         Each subject's file is replaced atomically; a crash leaves the previous file intact.
@@ -212,14 +220,18 @@ class Personalizer:
             names = list(self._states) if subjects is None else list(subjects)
             unknown = [s for s in names if s not in self._states]
             if unknown:
-                raise InputError(f"Unknown subject(s) {unknown[:10]}; known: {list(self._states)[:20]}")
+                raise InputError(
+                    f"Unknown subject(s) {unknown[:10]}; known: {list(self._states)[:20]}"
+                )
             snapshot = {s: self._states[s].clone() for s in names}
         metadata = self._metadata()
         for subject, state in snapshot.items():
             store.write(subject, state.flat(), metadata)
         return names
 
-    def load(self, target: str | Path | StateStore, subjects: Iterable[str] | None = None) -> list[str]:
+    def load(
+        self, target: str | Path | StateStore, subjects: Iterable[str] | None = None
+    ) -> list[str]:
         """Load subject states (all in the store, or the ones named); return their ids.
 
         Every file is checked first (format, base-model digest, strategy, tensor layout);
@@ -258,13 +270,17 @@ class Personalizer:
                 f"this Personalizer runs {self.strategy_name!r}"
             )
         try:
-            saved_config = get_config_class(self.strategy_name).from_dict(metadata.get("config", {}))
+            saved_config = get_config_class(self.strategy_name).from_dict(
+                metadata.get("config", {})
+            )
         except Exception as exc:  # noqa: BLE001 - any malformed config is a bad file
             raise StateFileError(f"{where}: unreadable strategy config ({exc})") from exc
         if saved_config != self.config:
             log.warning(
                 "%s: saved with config %s, continuing with %s",
-                where, json.dumps(saved_config.to_dict()), json.dumps(self.config.to_dict()),
+                where,
+                json.dumps(saved_config.to_dict()),
+                json.dumps(self.config.to_dict()),
             )
         try:
             state = SubjectState.from_flat(tensors)
@@ -273,6 +289,8 @@ class Personalizer:
         self._strategy.check_state(state, where)
         device = self._runtime.device
         return SubjectState(
-            **{group: {k: v.to(device) for k, v in getattr(state, group).items()}
-               for group in ("params", "buffers", "optim", "memory")}
+            **{
+                group: {k: v.to(device) for k, v in getattr(state, group).items()}
+                for group in ("params", "buffers", "optim", "memory")
+            }
         )

@@ -6,10 +6,9 @@ import copy
 import hashlib
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +67,9 @@ class ModelRuntime:
         self.parameters: dict[str, Tensor] = params
         self.buffers: dict[str, Tensor] = buffers
         self.device = next(iter(params.values())).device if params else torch.device("cpu")
-        self.dtype = next((t.dtype for t in params.values() if t.is_floating_point()), torch.float32)
+        self.dtype = next(
+            (t.dtype for t in params.values() if t.is_floating_point()), torch.float32
+        )
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -125,11 +126,18 @@ class ModelRuntime:
             leaf = call_tensors[name].detach().requires_grad_(True)
             call_tensors[name] = leaf
             leaves[name] = leaf
-        with self.lock, self._norm_mode(bn_prior, collect_moments) as control, \
-                torch.set_grad_enabled(bool(trainable)):
+        with (
+            self.lock,
+            self._norm_mode(bn_prior, collect_moments) as control,
+            torch.set_grad_enabled(bool(trainable)),
+        ):
             out = functional_call(
-                self.module, call_tensors, (frames,), {"return_features": return_features},
-                tie_weights=False, strict=False,
+                self.module,
+                call_tensors,
+                (frames,),
+                {"return_features": return_features},
+                tie_weights=False,
+                strict=False,
             )
             moments = control.collect
         if return_features:

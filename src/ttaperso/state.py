@@ -56,8 +56,10 @@ class SubjectState:
     def clone(self) -> SubjectState:
         """Deep copy of every tensor (used to create and reset subjects)."""
         return SubjectState(
-            **{group: {k: v.detach().clone() for k, v in getattr(self, group).items()}
-               for group in _GROUPS}
+            **{
+                group: {k: v.detach().clone() for k, v in getattr(self, group).items()}
+                for group in _GROUPS
+            }
         )
 
     def nbytes(self) -> int:
@@ -73,6 +75,5 @@ def tensors_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
     if a.keys() != b.keys():
         return False
     return all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k])
-        for k in a
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
     )

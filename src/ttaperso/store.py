@@ -69,7 +69,9 @@ class FolderStore:
     def write(self, subject: str, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         header = {_META_KEY: json.dumps({**metadata, "subject": subject}, sort_keys=True)}
-        data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header)
+        data = save_safetensors(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header
+        )
         atomic_write_bytes(self.path / subject_filename(subject), data)
 
     def _read_file(self, file: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -86,7 +88,9 @@ class FolderStore:
                 raise
             raise StateFileError(f"{file}: not a readable ttaperso state file ({exc})") from exc
         if _META_KEY not in header:
-            raise StateFileError(f"{file}: safetensors file without ttaperso metadata (foreign file)")
+            raise StateFileError(
+                f"{file}: safetensors file without ttaperso metadata (foreign file)"
+            )
         try:
             metadata = json.loads(header[_META_KEY])
         except json.JSONDecodeError as exc:
@@ -110,7 +114,9 @@ class FolderStore:
             raise StateFileError(f"{self.path}: no state for subject {subject!r}")
         tensors, metadata = self._read_file(file)
         if metadata.get("subject") != subject:
-            raise StateFileError(f"{file}: holds subject {metadata.get('subject')!r}, not {subject!r}")
+            raise StateFileError(
+                f"{file}: holds subject {metadata.get('subject')!r}, not {subject!r}"
+            )
         return tensors, metadata
 
     def read_all(self) -> dict[str, tuple[dict[str, Tensor], dict[str, Any]]]:

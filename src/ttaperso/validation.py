@@ -23,7 +23,9 @@ def validate_subject(subject: object) -> str:
     non-empty, at most 256 characters, and free of control characters such as NUL.
     """
     if not isinstance(subject, str):
-        raise InputError(f"Expected argument `subject` to be a str but got {type(subject).__name__}")
+        raise InputError(
+            f"Expected argument `subject` to be a str but got {type(subject).__name__}"
+        )
     if not subject or len(subject) > MAX_SUBJECT_ID_LENGTH:
         raise InputError(
             f"Expected argument `subject` to have 1 to {MAX_SUBJECT_ID_LENGTH} characters "
@@ -37,7 +39,9 @@ def validate_subject(subject: object) -> str:
     return subject
 
 
-def validate_frames(frames: object, model: FERModel, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+def validate_frames(
+    frames: object, model: FERModel, *, dtype: torch.dtype, device: torch.device
+) -> Tensor:
     """Check preprocessed frames against the model's declared input; return them ready to run."""
     if not isinstance(frames, Tensor):
         raise InputError(
@@ -57,7 +61,9 @@ def validate_frames(frames: object, model: FERModel, *, dtype: torch.dtype, devi
         )
     n = frames.shape[0]
     if n == 0:
-        raise InputError(f"Expected argument `frames` to hold at least one frame but got shape {tuple(frames.shape)}")
+        raise InputError(
+            f"Expected argument `frames` to hold at least one frame but got shape {tuple(frames.shape)}"
+        )
     if n > MAX_FRAMES_PER_CALL:
         raise InputError(
             f"Expected at most {MAX_FRAMES_PER_CALL} frames per call but got {n}; split the batch"
@@ -80,9 +86,7 @@ def validate_frames(frames: object, model: FERModel, *, dtype: torch.dtype, devi
     finite = torch.isfinite(frames)
     if not bool(finite.all()):
         bad = (~finite).reshape(n, -1).any(dim=1).nonzero().squeeze(1).tolist()
-        raise InputError(
-            f"Expected finite frame values but frame(s) {bad[:10]} contain NaN or Inf"
-        )
+        raise InputError(f"Expected finite frame values but frame(s) {bad[:10]} contain NaN or Inf")
     if model.input_range is not None:
         lo, hi = model.input_range
         tol = 1e-3 * (hi - lo)

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..config import StrategyConfig
 from ..errors import ConfigError
-from .base import Strategy, StepResult
+from .base import StepResult, Strategy
 from .norm import NormConfig, NormStrategy
 from .sar import SARConfig, SARStrategy
 from .source import SourceConfig, SourceStrategy

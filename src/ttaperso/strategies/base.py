@@ -75,7 +75,9 @@ class Strategy:
         """Whether the prediction forward records per-sample BN moments."""
         return False
 
-    def adapt(self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor) -> Tensor:
+    def adapt(
+        self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor
+    ) -> Tensor:
         """Update ``state`` from the admitted frames; return the mask of frames that did."""
         return torch.zeros_like(admitted)
 
@@ -95,7 +97,8 @@ class Strategy:
     def forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
         """Prediction forward of one subject (override for strategies with their own head)."""
         return self.runtime.forward(
-            state.model_tensors(), frames,
+            state.model_tensors(),
+            frames,
             trainable=self.trainable(state),
             bn_prior=self.bn_prior(state),
             collect_moments=self.collects_moments(),
@@ -106,7 +109,7 @@ class Strategy:
         admitted = torch.ones(labels.shape[0], dtype=torch.bool)
         for i, gate in enumerate(self.config.gates):
             prefix = f"gate{i}.{gate.kind}."
-            memory = {k[len(prefix):]: v for k, v in state.memory.items() if k.startswith(prefix)}
+            memory = {k[len(prefix) :]: v for k, v in state.memory.items() if k.startswith(prefix)}
             admitted &= gate.admit(memory, logits, labels).to(torch.bool).cpu()
             for key, value in memory.items():
                 state.memory[prefix + key] = value
@@ -116,11 +119,16 @@ class Strategy:
         """One predict call for one subject: forward, gates, adapt, smoothing."""
         out = self.forward(state, frames)
         logits = out.logits
-        if not torch.isfinite(logits).all():
-            # Raised before any write: a bad frame must never poison a subject's state.
+        moments_finite = out.moments is None or all(
+            bool(torch.isfinite(m).all() and torch.isfinite(sq).all())
+            for m, sq in out.moments.values()
+        )
+        if not bool(torch.isfinite(logits).all()) or not moments_finite:
+            # Raised before any write: a bad frame must never poison a subject's state
+            # (finite but huge frames can overflow activations or their squares).
             raise InputError(
-                "The model produced non-finite logits for these frames (extreme input values?); "
-                "the subject's state was not changed"
+                "The model produced non-finite logits or activation statistics for these "
+                "frames (extreme input values?); the subject's state was not changed"
             )
         detached = logits.detach()
         labels = detached.argmax(dim=1).cpu()
@@ -148,19 +156,41 @@ class Strategy:
                 _check_like(source, f"{group}/{key}", tensor, want[key], variable=False)
         for key, tensor in state.memory.items():
             if key in ref.memory:
-                _check_like(source, f"memory/{key}", tensor, ref.memory[key],
-                            variable=key in self.variable_memory)
-            elif not key.startswith(self.optional_memory) or not self.optional_memory:
+                _check_like(
+                    source,
+                    f"memory/{key}",
+                    tensor,
+                    ref.memory[key],
+                    variable=key in self.variable_memory,
+                )
+            elif key.startswith("grad/") and "grad/" in self.optional_memory:
+                # Accumulated gradients: one per adapted parameter, shaped like it.
+                name = key[len("grad/") :]
+                if name not in ref.params:
+                    raise StateFileError(f"{source}: memory/{key} names no adapted parameter")
+                _check_like(source, f"memory/{key}", tensor, ref.params[name], variable=False)
+            elif not self.optional_memory or not key.startswith(self.optional_memory):
                 raise StateFileError(f"{source}: unexpected tensor memory/{key} for this strategy")
         missing_memory = sorted(ref.memory.keys() - state.memory.keys())
         if missing_memory:
-            raise StateFileError(f"{source}: missing tensors {['memory/' + k for k in missing_memory]}")
+            raise StateFileError(
+                f"{source}: missing tensors {['memory/' + k for k in missing_memory]}"
+            )
         param_names = set(ref.params)
         for key, tensor in state.optim.items():
             owner = key.rpartition("/")[0]
             if owner not in param_names:
-                raise StateFileError(f"{source}: optimizer state optim/{key} names no adapted parameter")
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise StateFileError(
+                    f"{source}: optimizer state optim/{key} names no adapted parameter"
+                )
+            param = ref.params[owner]
+            # Moments are shaped like their parameter; step counters are scalars.
+            if not tensor.is_floating_point() or tensor.shape not in (param.shape, torch.Size([])):
+                raise StateFileError(
+                    f"{source}: optim/{key} is {tensor.dtype} {tuple(tensor.shape)}, expected a "
+                    f"float tensor shaped like its parameter {tuple(param.shape)} or a scalar"
+                )
+            if not torch.isfinite(tensor).all():
                 raise StateFileError(f"{source}: optim/{key} holds non-finite values")
 
 
@@ -168,7 +198,7 @@ def _check_like(source: str, key: str, got: Tensor, want: Tensor, *, variable: b
     if variable:
         # First dimension free; trailing dimensions fixed where the reference knows them.
         shape_ok = got.dim() == want.dim() and all(
-            w in (0, g) for g, w in zip(got.shape[1:], want.shape[1:])
+            w in (0, g) for g, w in zip(got.shape[1:], want.shape[1:], strict=False)
         )
     else:
         shape_ok = got.shape == want.shape
@@ -195,14 +225,14 @@ def optimizer_step(state: SubjectState, grads: dict[str, Tensor], make: Optimize
     names = list(grads)
     params = [state.params[n] for n in names]
     optimizer = make(params)
-    for name, param in zip(names, params):
+    for name, param in zip(names, params, strict=False):
         prefix = f"{name}/"
-        saved = {k[len(prefix):]: v for k, v in state.optim.items() if k.startswith(prefix)}
+        saved = {k[len(prefix) :]: v for k, v in state.optim.items() if k.startswith(prefix)}
         if saved:
             optimizer.state[param] = saved
         param.grad = grads[name].to(param.dtype)
     optimizer.step()
-    for name, param in zip(names, params):
+    for name, param in zip(names, params, strict=False):
         param.grad = None
         for key, value in optimizer.state[param].items():
             state.optim[f"{name}/{key}"] = (

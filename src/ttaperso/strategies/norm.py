@@ -51,9 +51,7 @@ class NormConfig(StrategyConfig):
         super().validate()
         self._check("source_prior", self.source_prior >= 0.0, "a number >= 0")
         self._check("max_frames", self.max_frames >= 1, "an int >= 1")
-        self._check(
-            "max_frames", self.max_frames >= self.source_prior, "at least `source_prior`"
-        )
+        self._check("max_frames", self.max_frames >= self.source_prior, "at least `source_prior`")
 
 
 class NormStrategy(Strategy):
@@ -89,7 +87,9 @@ class NormStrategy(Strategy):
         return self.config.accumulate
 
     @torch.no_grad()
-    def update_statistics(self, state: SubjectState, out: ForwardOutput, admitted: Tensor) -> Tensor:
+    def update_statistics(
+        self, state: SubjectState, out: ForwardOutput, admitted: Tensor
+    ) -> Tensor:
         """Fold the admitted frames' BN moments into the subject's estimate."""
         if not self.config.accumulate or out.moments is None or not bool(admitted.any()):
             return torch.zeros_like(admitted)
@@ -108,5 +108,7 @@ class NormStrategy(Strategy):
         state.memory["norm.count"].fill_(min(count + k, float(self.config.max_frames)))
         return admitted.clone()
 
-    def adapt(self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor) -> Tensor:
+    def adapt(
+        self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor
+    ) -> Tensor:
         return self.update_statistics(state, out, admitted)

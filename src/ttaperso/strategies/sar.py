@@ -72,7 +72,9 @@ class SARConfig(NormConfig):
         self._check("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)")
         self._check("rho", self.rho >= 0.0, "a number >= 0")
         self._check("margin", 0.0 < self.margin <= 1.0, "a fraction of ln C in (0, 1]")
-        self._check("reset_threshold", 0.0 <= self.reset_threshold < 1.0, "a fraction of ln C in [0, 1)")
+        self._check(
+            "reset_threshold", 0.0 <= self.reset_threshold < 1.0, "a fraction of ln C in [0, 1)"
+        )
         self._check("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)")
         self._check("update_every", self.update_every >= 1, "an int >= 1")
         self._check("frozen_last_norms", self.frozen_last_norms >= 0, "an int >= 0")
@@ -108,12 +110,19 @@ class SARStrategy(NormStrategy):
         for name in self.param_names:
             state.params[name] = self.runtime.parameters[name].detach().clone()
         shape = self.runtime.module.input_shape
-        state.memory["sar.pending"] = torch.zeros((0, *[s or 0 for s in shape]), dtype=self.runtime.dtype)
-        state.memory["sar.ema"] = torch.tensor(math.nan, dtype=torch.float64)
+        state.memory["sar.pending"] = torch.zeros(
+            (0, *[s or 0 for s in shape]), dtype=self.runtime.dtype
+        )
+        # EMA of the second-pass loss; "sar.ema_updates" == 0 means no EMA yet (NaN would be
+        # refused by the state checks on load).
+        state.memory["sar.ema"] = torch.tensor(0.0, dtype=torch.float64)
+        state.memory["sar.ema_updates"] = torch.tensor(0, dtype=torch.int64)
         state.memory["sar.resets"] = torch.tensor(0, dtype=torch.int64)
         return state
 
-    def adapt(self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor) -> Tensor:
+    def adapt(
+        self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor
+    ) -> Tensor:
         self.update_statistics(state, out, admitted)
         if not bool(admitted.any()):
             return torch.zeros_like(admitted)
@@ -149,26 +158,36 @@ class SARStrategy(NormStrategy):
         perturbation = [self.config.rho * g / (norm + 1e-12) for g in grads]
         params = [state.params[n] for n in self.param_names]
         with torch.no_grad():
-            for p, e in zip(params, perturbation):
+            for p, e in zip(params, perturbation, strict=False):
                 p.add_(e)
         try:
             entropy2, leaves2 = self._entropy_grads(state, frames)
             entropy2 = entropy2[reliable]
             reliable2 = entropy2 < self.margin
             grads2 = (
-                torch.autograd.grad(entropy2[reliable2].mean(), leaves2) if bool(reliable2.any()) else None
+                torch.autograd.grad(entropy2[reliable2].mean(), leaves2)
+                if bool(reliable2.any())
+                else None
             )
         finally:
             with torch.no_grad():
-                for p, e in zip(params, perturbation):
+                for p, e in zip(params, perturbation, strict=False):
                     p.sub_(e)
         if grads2 is None or not all(bool(torch.isfinite(g).all()) for g in grads2):
             return
-        optimizer_step(state, dict(zip(self.param_names, grads2)), self._make_optimizer)
+        optimizer_step(
+            state, dict(zip(self.param_names, grads2, strict=False)), self._make_optimizer
+        )
         loss2 = float(entropy2[reliable2].detach().mean())
         ema = float(state.memory["sar.ema"])
-        ema = loss2 if math.isnan(ema) else self.config.ema_decay * ema + (1 - self.config.ema_decay) * loss2
+        decay = self.config.ema_decay
+        ema = (
+            loss2
+            if int(state.memory["sar.ema_updates"]) == 0
+            else decay * ema + (1 - decay) * loss2
+        )
         state.memory["sar.ema"].fill_(ema)
+        state.memory["sar.ema_updates"] += 1
         if ema < self.reset_below:
             self.recover(state)
 
@@ -178,7 +197,7 @@ class SARStrategy(NormStrategy):
         state.params = fresh.params
         state.buffers = fresh.buffers
         state.optim = {}
-        for key in ("norm.count", "sar.ema"):
+        for key in ("norm.count", "sar.ema", "sar.ema_updates"):
             if key in fresh.memory:
                 state.memory[key] = fresh.memory[key]
         state.memory["sar.resets"] += 1

@@ -97,7 +97,9 @@ class TentStrategy(NormStrategy):
     def trainable(self, state: SubjectState) -> tuple[str, ...]:
         return self.param_names
 
-    def adapt(self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor) -> Tensor:
+    def adapt(
+        self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor
+    ) -> Tensor:
         self.update_statistics(state, out, admitted)
         if not bool(admitted.any()):
             return torch.zeros_like(admitted)
@@ -107,11 +109,15 @@ class TentStrategy(NormStrategy):
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
             return torch.zeros_like(admitted)  # a non-finite gradient never reaches the state
-        self.accumulate_and_step(state, dict(zip(self.param_names, grads)), float(index.numel()))
+        self.accumulate_and_step(
+            state, dict(zip(self.param_names, grads, strict=False)), float(index.numel())
+        )
         return admitted.clone()
 
     @torch.no_grad()
-    def accumulate_and_step(self, state: SubjectState, grads: dict[str, Tensor | None], frames: float) -> None:
+    def accumulate_and_step(
+        self, state: SubjectState, grads: dict[str, Tensor | None], frames: float
+    ) -> None:
         """Add summed per-frame gradients; step with their mean once enough frames are in."""
         pending = float(state.memory["tent.pending"]) + frames
         if pending < self.config.update_every:
