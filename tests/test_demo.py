@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,9 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = root / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TTAPERSO_CACHE", str(root / "cache"))
-        start = time.perf_counter()
         code = main(["-q", "demo", "--quick", "--out", str(out), "--seed", "0"])
-        elapsed = time.perf_counter() - start
-    return {"code": code, "out": out, "cache": root / "cache", "elapsed": elapsed}
+    # No wall-time assertion here: timings belong in benchmarks, not unit tests.
+    return {"code": code, "out": out, "cache": root / "cache"}
 
 
 def test_quick_demo_writes_results(quick_demo: dict, capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,7 +41,6 @@ def test_quick_demo_writes_results(quick_demo: dict, capsys: pytest.CaptureFixtu
     assert results["updated_fraction"]["source"] == 0.0
     # The frozen model learned the task: clearly above chance (0.25) on unseen source subjects.
     assert results["source_domain_accuracy"] > 0.6
-    assert quick_demo["elapsed"] < 30.0
 
 
 def test_quick_demo_caches_weights_as_safetensors(quick_demo: dict) -> None:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import toyfaces
 from .personalizer import Personalizer
-from .strategies import get_config_class, list_strategies
+from .strategies import list_strategies
 
 __all__ = ["ToyFERNet", "run_demo", "cache_dir", "format_table", "DEMO_BATCH"]
 
@@ -45,7 +45,7 @@ IMAGE_SIZE = 32
 # Sizes of a run: source subjects and frames each for training, epochs, target subjects and
 # frames each (the streams), held-out source subjects (the frozen model's in-domain accuracy).
 _PLANS: dict[str, dict[str, int]] = {
-    "full": {"train_subjects": 120, "train_frames": 40, "epochs": 4, "targets": 6,
+    "full": {"train_subjects": 40, "train_frames": 120, "epochs": 5, "targets": 6,
              "target_frames": 320, "heldout_subjects": 4},
     "quick": {"train_subjects": 40, "train_frames": 40, "epochs": 4, "targets": 3,
               "target_frames": 160, "heldout_subjects": 2},
@@ -87,11 +87,7 @@ def cache_dir() -> Path:
 
 def _cache_key(model: nn.Module, plan: dict[str, int], seed: int) -> str:
     """Hash of everything the trained weights depend on: generator, architecture, plan, seed."""
-    h = hashlib.sha256()
-    try:
-        h.update(inspect.getsource(toyfaces).encode())
-    except (OSError, TypeError):  # no source available (frozen install): version string only
-        h.update(toyfaces.GENERATOR_VERSION.encode())
+    h = hashlib.sha256(_CODE_DIGEST.encode())
     h.update(repr(model).encode())
     h.update(json.dumps({**plan, "seed": seed, "train": _TRAIN}, sort_keys=True).encode())
     return h.hexdigest()[:16]
@@ -127,17 +123,25 @@ def _load_weights(model: nn.Module, path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- training
+def _progress(**kwargs: Any) -> Any:
+    """A tqdm bar on stderr, shown only when stdout is a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not sys.stdout.isatty(), leave=False, **kwargs)
+
+
 _TRAIN = {"batch_size": 64, "lr": 3e-3, "weight_decay": 1e-4}
 
 
 def _train(model: nn.Module, frames: Tensor, labels: Tensor, epochs: int, seed: int) -> None:
-    """Plain supervised training on the source frames (Adam, cosine schedule, h-flips)."""
+    """Plain supervised training on the source frames (AdamW, one-cycle schedule, h-flips)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=_TRAIN["lr"], weight_decay=_TRAIN["weight_decay"])
     bs = _TRAIN["batch_size"]
     steps = epochs * math.ceil(len(frames) / bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=_TRAIN["lr"], total_steps=steps)
     model.train()
+    bar = _progress(total=steps, desc="training the source model", unit="step")
     for epoch in range(epochs):
         order = torch.randperm(len(frames), generator=gen)
         total, correct, loss_sum = 0, 0, 0.0
@@ -155,9 +159,23 @@ def _train(model: nn.Module, frames: Tensor, labels: Tensor, epochs: int, seed: 
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             total += len(idx)
+            bar.update()
         log.debug("epoch %d/%d: loss %.3f, train accuracy %.3f", epoch + 1, epochs,
                   loss_sum / total, correct / total)
+    bar.close()
     model.eval()
+
+
+def _code_digest() -> str:
+    """Digest of the code the weights depend on: the generator and the training loop."""
+    try:
+        code = inspect.getsource(toyfaces) + inspect.getsource(_train)
+    except (OSError, TypeError):  # no source available (frozen install): version string only
+        code = toyfaces.GENERATOR_VERSION
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+_CODE_DIGEST = _code_digest()  # at import: a monkeypatched `_train` keeps the same key
 
 
 def _source_model(plan: dict[str, int], seed: int) -> tuple[ToyFERNet, str]:
@@ -285,8 +303,6 @@ def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = False) -> dict[st
 
 
 def _run_demo(out: Path, seed: int, quick: bool) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     plan = _PLANS["quick" if quick else "full"]
     out.mkdir(parents=True, exist_ok=True)
@@ -316,8 +332,8 @@ def _run_demo(out: Path, seed: int, quick: bool) -> dict[str, Any]:
     configs: dict[str, dict[str, Any]] = {}
     options = {"labels": toyfaces.CLASSES, "input_shape": (1, IMAGE_SIZE, IMAGE_SIZE),
                "head": "fc", "input_range": (-1.0, 1.0)}
-    with tqdm(total=len(runs) * len(targets), desc="strategies x subjects", unit="subject",
-              disable=not sys.stdout.isatty(), leave=False) as bar:
+    with _progress(total=len(runs) * len(targets), desc="strategies x subjects",
+                   unit="subject") as bar:
         for strategy, batch in runs:
             column = strategy if batch == DEMO_BATCH else f"{strategy} (1/call)"
             t0 = time.perf_counter()
@@ -365,12 +381,8 @@ def _run_demo(out: Path, seed: int, quick: bool) -> dict[str, Any]:
     print(format_table(results))
     print(f"\nfrozen model on held-out source subjects: {source_domain:.3f} "
           f"(chance {1 / len(toyfaces.CLASSES):.2f}); {len(subjects)} target subjects, "
-          f"{plan['target_frames']} frames each, {DEMO_BATCH} consecutive frames per call")
+          f"{plan['target_frames']} frames each, {DEMO_BATCH} consecutive frames per call "
+          f"(1/call: one frame per call)")
     print(f"wrote {results['png']} and {results['json']}")
     log.info("Demo finished in %.1f s", results["timing_s"]["total"])
     return results
-
-
-def strategy_defaults() -> dict[str, dict[str, Any]]:
-    """Default config of every registered strategy (``ttaperso strategies``)."""
-    return {name: get_config_class(name)().to_dict() for name in list_strategies()}

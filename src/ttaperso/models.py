@@ -11,7 +11,7 @@ from torch import nn
 from .errors import ConfigError, ModelInterfaceError
 from .model import FERModel
 
-__all__ = ["list_models", "load_model", "as_fer_model"]
+__all__ = ["list_models", "describe_models", "load_model", "as_fer_model"]
 
 # name -> (module, loader function, one-line description)
 _MODELS: dict[str, tuple[str, str, str]] = {

@@ -37,8 +37,9 @@ class Prediction:
         probs: ``(N, C)`` class probabilities (smoothed over the subject's recent frames
             when the strategy's ``smoothing`` > 1).
         labels: ``(N,)`` predicted class indices (argmax of ``probs``).
-        updated: ``(N,)`` bool, True where the frame passed the gates and updated the
-            subject's state.
+        updated: ``(N,)`` bool, True where the frame passed the gates and went into the
+            subject's state (statistics, accumulated gradients, or SAR's pending buffer,
+            whose own reliability filter may still leave it out of the SAM step).
         class_names: the model's class labels.
     """
 
@@ -108,6 +109,7 @@ class Personalizer:
 
     @property
     def strategy_name(self) -> str:
+        """Registered name of the strategy (``"tent"``, ...)."""
         return self._strategy.config.strategy_name
 
     @property
