@@ -76,7 +76,9 @@ def uar(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean([(pred[target == c] == c).mean() for c in classes]))
 
 
-def run_config(model, strategy: str, overrides: dict[str, Any], data, batch: int, seed: int) -> dict[str, Any]:
+def run_config(
+    model, strategy: str, overrides: dict[str, Any], data, batch: int, seed: int
+) -> dict[str, Any]:
     """One Personalizer, every subject its own stream; returns per-subject predictions."""
     p = ttaperso.Personalizer(model, strategy, **overrides)
     per_subject = {}
@@ -87,7 +89,7 @@ def run_config(model, strategy: str, overrides: dict[str, Any], data, batch: int
         x, y = x[order], y[order]
         preds = []
         for i in range(0, len(y), batch):
-            preds.append(p.predict(x[i:i + batch], subject=subject).labels)
+            preds.append(p.predict(x[i : i + batch], subject=subject).labels)
         pred = torch.cat(preds).numpy()
         per_subject[subject] = float((pred == y.numpy()).mean())
         preds_all.append(pred)
@@ -97,34 +99,50 @@ def run_config(model, strategy: str, overrides: dict[str, Any], data, batch: int
     extra = {}
     if strategy == "sar":
         extra["sar_resets"] = {s: int(p.state_dict(s)["memory/sar.resets"]) for s in data}
-    return {"accuracy": float((pred == target).mean()), "uar": uar(pred, target),
-            "per_subject": per_subject, "seconds": elapsed, "config": p.config.to_dict(), **extra}
+    return {
+        "accuracy": float((pred == target).mean()),
+        "uar": uar(pred, target),
+        "per_subject": per_subject,
+        "seconds": elapsed,
+        "config": p.config.to_dict(),
+        **extra,
+    }
 
 
 def markdown(results: dict[str, dict[str, Any]], subjects: list[str], title: str) -> str:
     base = results["source"]["per_subject"]
-    lines = [f"### {title}", "",
-             "| config | acc | UAR | worst subject change | " + " | ".join(subjects) + " |",
-             "|---|---|---|---|" + "---|" * len(subjects)]
+    lines = [
+        f"### {title}",
+        "",
+        "| config | acc | UAR | worst subject change | " + " | ".join(subjects) + " |",
+        "|---|---|---|---|" + "---|" * len(subjects),
+    ]
     for name, r in results.items():
         deltas = {s: r["per_subject"][s] - base[s] for s in subjects}
         worst = min(deltas, key=deltas.get)
         lines.append(
             f"| {name} | {100 * r['accuracy']:.1f} | {100 * r['uar']:.1f} | "
             f"{100 * deltas[worst]:+.1f} ({worst}) | "
-            + " | ".join(f"{100 * r['per_subject'][s]:.0f}" for s in subjects) + " |"
+            + " | ".join(f"{100 * r['per_subject'][s]:.0f}" for s in subjects)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=data_root())
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--frame-by-frame", action="store_true", help="feed one frame per call")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="also report mean/std accuracy over this many stream orders (seeds 0..k-1)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="also report mean/std accuracy over this many stream orders (seeds 0..k-1)",
+    )
     parser.add_argument("--only", nargs="*", help="config names to run (default: all)")
     parser.add_argument("--out", type=Path, default=REPO / "experiments" / "results")
     args = parser.parse_args()
@@ -138,21 +156,36 @@ def main() -> None:
         if args.only and name not in args.only and name != "source":
             continue
         results[name] = run_config(model, strategy, overrides, data, batch, args.seed)
-        log.info("%-30s acc %.1f%%  UAR %.1f%%  (%.1fs)", name, 100 * results[name]["accuracy"],
-                 100 * results[name]["uar"], results[name]["seconds"])
+        log.info(
+            "%-30s acc %.1f%%  UAR %.1f%%  (%.1fs)",
+            name,
+            100 * results[name]["accuracy"],
+            100 * results[name]["uar"],
+            results[name]["seconds"],
+        )
     seed_lines = []
     if args.seeds > 1:
-        seed_lines = ["", f"Accuracy over {args.seeds} stream orders (seeds 0..{args.seeds - 1}):", "",
-                      "| config | mean acc | std | min | max |", "|---|---|---|---|---|"]
+        seed_lines = [
+            "",
+            f"Accuracy over {args.seeds} stream orders (seeds 0..{args.seeds - 1}):",
+            "",
+            "| config | mean acc | std | min | max |",
+            "|---|---|---|---|---|",
+        ]
         for name, (strategy, overrides) in CONFIGS.items():
             if name not in results:
                 continue
-            accs = [results[name]["accuracy"] if s == args.seed else
-                    run_config(model, strategy, overrides, data, batch, s)["accuracy"]
-                    for s in range(args.seeds)]
+            accs = [
+                results[name]["accuracy"]
+                if s == args.seed
+                else run_config(model, strategy, overrides, data, batch, s)["accuracy"]
+                for s in range(args.seeds)
+            ]
             results[name]["accuracy_over_seeds"] = accs
-            seed_lines.append(f"| {name} | {100 * np.mean(accs):.1f} | {100 * np.std(accs):.1f} | "
-                              f"{100 * min(accs):.1f} | {100 * max(accs):.1f} |")
+            seed_lines.append(
+                f"| {name} | {100 * np.mean(accs):.1f} | {100 * np.std(accs):.1f} | "
+                f"{100 * min(accs):.1f} | {100 * max(accs):.1f} |"
+            )
             log.info("%-30s over seeds: %s", name, [round(100 * a, 1) for a in accs])
     mode = "frame-by-frame" if args.frame_by_frame else f"batches of {batch}"
     title = f"JAFFE, fer mini-XCEPTION, {sum(len(v[1]) for v in data.values())} images, {mode}, seed {args.seed}"
@@ -161,7 +194,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"jaffe_core_{'frame' if args.frame_by_frame else f'batch{batch}'}"
     (args.out / f"{stem}.md").write_text(
-        table + f"\nCommand: `python experiments/jaffe_protocol.py{' --frame-by-frame' if args.frame_by_frame else ''}"
+        table
+        + f"\nCommand: `python experiments/jaffe_protocol.py{' --frame-by-frame' if args.frame_by_frame else ''}"
         f" --seeds {args.seeds}`\n"
     )
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))

@@ -39,7 +39,7 @@ ADAPT_OVERRIDES: dict[str, dict[str, Any]] = {
 
 
 def fallback_adapt_overrides(strategy: str) -> dict[str, Any]:
-    """"Make it adapt" overrides for a strategy registered after these tests were written."""
+    """ "Make it adapt" overrides for a strategy registered after these tests were written."""
     fields = set(get_config_class(strategy).field_names())
     guesses: dict[str, Any] = {"gates": (), "update_every": 4, "lr": 1e-2, "margin": 1.0}
     return {k: v for k, v in guesses.items() if k in fields}
@@ -132,8 +132,10 @@ NAN_SENTINELS: frozenset[str] = frozenset()
 def assert_states_finite(state: Mapping[str, Tensor], allow_sentinels: bool = True) -> None:
     """Every floating tensor of a state dict is finite (NaN sentinels allowed if asked)."""
     bad = [
-        k for k, v in state.items()
-        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        k
+        for k, v in state.items()
+        if v.is_floating_point()
+        and not bool(torch.isfinite(v).all())
         and not (allow_sentinels and k in NAN_SENTINELS and bool(torch.isnan(v).all()))
     ]
     assert not bad, f"non-finite state tensors: {bad}"

@@ -64,7 +64,9 @@ def test_demo_reuses_cached_weights(
     assert again["accuracy"] == first["accuracy"]  # deterministic given the seed
 
 
-def test_demo_retrains_over_a_corrupt_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_retrains_over_a_corrupt_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ttaperso import demo
 
     monkeypatch.setenv("TTAPERSO_CACHE", str(tmp_path))

@@ -50,6 +50,7 @@ STRATEGIES = ttaperso.list_strategies()
 #: strategies whose state is expected to stay empty/unchanged (no adaptation at all)
 NON_ADAPTING = {"source"}
 
+
 def _stream(n_calls: int, seed: int, batch: int = 2, **shift: float) -> list[Tensor]:
     """``n_calls`` target batches of ``batch`` frames, seeded."""
     frames = target_frames(n_calls * batch, seed=seed, **shift)
@@ -124,7 +125,9 @@ def test_adaptation_changes_state(personalizer_factory: PersonalizerFactory, str
     if strategy not in NON_ADAPTING:
         # Outputs differ from the unadapted model on the same frames, too.
         x = target_frames(4, seed=50)
-        assert not torch.equal(p.predict(x, "A").logits, personalizer_factory(strategy).predict(x, "Z").logits)
+        assert not torch.equal(
+            p.predict(x, "A").logits, personalizer_factory(strategy).predict(x, "Z").logits
+        )
 
 
 # ------------------------------------------------------------------ base model unchanged
@@ -162,7 +165,9 @@ def test_base_model_unchanged(
 
 # ------------------------------------------------------------------ isolation
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_isolation_between_subjects(personalizer_factory: PersonalizerFactory, strategy: str) -> None:
+def test_isolation_between_subjects(
+    personalizer_factory: PersonalizerFactory, strategy: str
+) -> None:
     """Adapting A never changes B's outputs or state: compare with a Personalizer that only saw B."""
     p = personalizer_factory(strategy)
     only_b = personalizer_factory(strategy)
@@ -196,8 +201,11 @@ def test_isolation_no_shared_storage(
     caller = _storages(dict(model.state_dict()))
     initial = _storages(p._strategy._initial.flat())
     for name, own in (("A", a), ("B", b), ("C", c)):
-        for other_name, other in (("shared model", shared_model), ("caller's model", caller),
-                                  ("strategy's initial state", initial)):
+        for other_name, other in (
+            ("shared model", shared_model),
+            ("caller's model", caller),
+            ("strategy's initial state", initial),
+        ):
             common = own.keys() & other.keys()
             assert not common, f"{name} shares {[own[k] for k in common]} with the {other_name}"
     assert not a.keys() & b.keys()
@@ -206,7 +214,9 @@ def test_isolation_no_shared_storage(
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_outputs_and_inputs_do_not_alias_state(personalizer_factory: PersonalizerFactory, strategy: str) -> None:
+def test_outputs_and_inputs_do_not_alias_state(
+    personalizer_factory: PersonalizerFactory, strategy: str
+) -> None:
     """Mutating returned tensors, state_dict copies or the caller's frame buffer changes nothing."""
     p = personalizer_factory(strategy, smoothing=3)
     ref = personalizer_factory(strategy, smoothing=3)
@@ -249,14 +259,19 @@ def _save_load_roundtrip(
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_save_load_identity(personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path) -> None:
+def test_save_load_identity(
+    personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path
+) -> None:
     """Loading into a NEW Personalizer continues bit-identically (outputs and states)."""
     _save_load_roundtrip(personalizer_factory, strategy, tmp_path, warmup_calls=10)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_save_load_before_first_update(
-    personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path, request: pytest.FixtureRequest
+    personalizer_factory: PersonalizerFactory,
+    strategy: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A subject saved after one frame (before any optimizer update) loads back too."""
     _save_load_roundtrip(personalizer_factory, strategy, tmp_path, warmup_calls=1)
@@ -283,7 +298,9 @@ def test_save_selected_subjects_and_load_by_name(
 
 # ------------------------------------------------------------------ reset
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_reset_restores_fresh_subject(personalizer_factory: PersonalizerFactory, strategy: str) -> None:
+def test_reset_restores_fresh_subject(
+    personalizer_factory: PersonalizerFactory, strategy: str
+) -> None:
     """reset(S) makes S behave like a new subject; others are kept; reset() clears all."""
     p = personalizer_factory(strategy)
     _adapt(p, "A", _stream(6, seed=13), strategy)
@@ -313,7 +330,9 @@ def test_reset_restores_fresh_subject(personalizer_factory: PersonalizerFactory,
 # ------------------------------------------------------------------ frame by frame
 @pytest.mark.parametrize("config", ["adapting", "default"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_frame_by_frame(personalizer_factory: PersonalizerFactory, strategy: str, config: str) -> None:
+def test_frame_by_frame(
+    personalizer_factory: PersonalizerFactory, strategy: str, config: str
+) -> None:
     """40 single-frame calls work, give (1,)-shaped outputs, and keep the state finite."""
     p = personalizer_factory(strategy, adapt=config == "adapting")
     frames = target_frames(40, seed=16)
@@ -336,7 +355,9 @@ def test_frame_by_frame(personalizer_factory: PersonalizerFactory, strategy: str
 
 # ------------------------------------------------------------------ episodic
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_episodic_resets_after_every_call(personalizer_factory: PersonalizerFactory, strategy: str) -> None:
+def test_episodic_resets_after_every_call(
+    personalizer_factory: PersonalizerFactory, strategy: str
+) -> None:
     """episodic=True: every call starts from (and leaves) the fresh state."""
     p = personalizer_factory(strategy, episodic=True)  # 4-frame calls: updates happen inside
     fresh = p._strategy.initial_state().flat()
@@ -383,13 +404,30 @@ BAD_INPUTS: dict[str, tuple[Callable[[], Any], Any, type[Exception], str]] = {
     "5d": (lambda: target_frames(2)[None], "A", InputError, r"got shape \(1, 2, 1, 16, 16\)"),
     "channels": (lambda: torch.zeros(2, 3, 16, 16), "A", InputError, r"1 channel.*but got 3"),
     "height_width": (lambda: torch.zeros(2, 1, 15, 16), "A", InputError, r"16x16.*got 15x16"),
-    "uint8": (lambda: torch.zeros(2, 1, 16, 16, dtype=torch.uint8), "A", InputError,
-              r"floating-point.*torch\.uint8"),
-    "int64": (lambda: torch.zeros(2, 1, 16, 16, dtype=torch.int64), "A", InputError, r"torch\.int64"),
-    "empty_batch": (lambda: torch.zeros(0, 1, 16, 16), "A", InputError,
-                    r"at least one frame.*\(0, 1, 16, 16\)"),
-    "numpy": (lambda: np.zeros((2, 1, 16, 16), dtype=np.float32), "A", InputError,
-              r"torch\.Tensor.*got ndarray"),
+    "uint8": (
+        lambda: torch.zeros(2, 1, 16, 16, dtype=torch.uint8),
+        "A",
+        InputError,
+        r"floating-point.*torch\.uint8",
+    ),
+    "int64": (
+        lambda: torch.zeros(2, 1, 16, 16, dtype=torch.int64),
+        "A",
+        InputError,
+        r"torch\.int64",
+    ),
+    "empty_batch": (
+        lambda: torch.zeros(0, 1, 16, 16),
+        "A",
+        InputError,
+        r"at least one frame.*\(0, 1, 16, 16\)",
+    ),
+    "numpy": (
+        lambda: np.zeros((2, 1, 16, 16), dtype=np.float32),
+        "A",
+        InputError,
+        r"torch\.Tensor.*got ndarray",
+    ),
     "list": (lambda: [[0.0]], "A", InputError, r"got list"),
     "subject_int": (lambda: target_frames(2), 17, InputError, r"`subject` to be a str but got int"),
     "subject_none": (lambda: target_frames(2), None, InputError, r"got NoneType"),
@@ -446,7 +484,9 @@ def test_extreme_finite_frames_never_poison_state(
 
 # ------------------------------------------------------------------ bad config
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_unknown_config_key_lists_valid_keys(personalizer_factory: PersonalizerFactory, strategy: str) -> None:
+def test_unknown_config_key_lists_valid_keys(
+    personalizer_factory: PersonalizerFactory, strategy: str
+) -> None:
     with pytest.raises(ConfigError, match=r"Unknown config key\(s\) \['bogus_key'\]") as info:
         personalizer_factory(strategy, bogus_key=1)
     for key in ttaperso.strategies.get_config_class(strategy).field_names():
@@ -488,7 +528,9 @@ def test_unknown_strategy_lists_valid_names(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------ bad state files
-def _saved(personalizer_factory: PersonalizerFactory, strategy: str, folder: Path, **kw: Any) -> Path:
+def _saved(
+    personalizer_factory: PersonalizerFactory, strategy: str, folder: Path, **kw: Any
+) -> Path:
     """Save an adapted subject "S" into ``folder``; return its file."""
     p = personalizer_factory(strategy, **kw)
     _adapt(p, "S", _stream(5, seed=40), strategy)
@@ -497,7 +539,9 @@ def _saved(personalizer_factory: PersonalizerFactory, strategy: str, folder: Pat
     return file
 
 
-def _victim(personalizer_factory: PersonalizerFactory, strategy: str, **kw: Any) -> ttaperso.Personalizer:
+def _victim(
+    personalizer_factory: PersonalizerFactory, strategy: str, **kw: Any
+) -> ttaperso.Personalizer:
     """A Personalizer with one adapted subject, to check that failed loads change nothing."""
     p = personalizer_factory(strategy, **kw)
     _adapt(p, "V", _stream(5, seed=41), strategy)
@@ -521,23 +565,35 @@ def test_corrupt_state_file(
     file = _saved(personalizer_factory, strategy, tmp_path)
     data = file.read_bytes()
     generator = np.random.default_rng(0)
-    file.write_bytes({
-        "truncate_half": data[: len(data) // 2],
-        "truncate_tail": data[:-3],
-        "random_bytes": generator.integers(0, 256, 500, dtype=np.uint8).tobytes(),
-        "empty": b"",
-    }[damage])
-    _assert_load_refused(_victim(personalizer_factory, strategy), tmp_path, r"not a readable ttaperso state file")
+    file.write_bytes(
+        {
+            "truncate_half": data[: len(data) // 2],
+            "truncate_tail": data[:-3],
+            "random_bytes": generator.integers(0, 256, 500, dtype=np.uint8).tobytes(),
+            "empty": b"",
+        }[damage]
+    )
+    _assert_load_refused(
+        _victim(personalizer_factory, strategy), tmp_path, r"not a readable ttaperso state file"
+    )
     with pytest.raises(StateFileError, match=r"not a readable"):
         _victim(personalizer_factory, strategy).load(tmp_path, subjects=["S"])
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_foreign_safetensors_file(personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path) -> None:
+def test_foreign_safetensors_file(
+    personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path
+) -> None:
     save_file({"weight": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
-    _assert_load_refused(_victim(personalizer_factory, strategy), tmp_path, r"without ttaperso metadata")
-    save_file({"weight": torch.zeros(3)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
-    _assert_load_refused(_victim(personalizer_factory, strategy), tmp_path, r"without ttaperso metadata")
+    _assert_load_refused(
+        _victim(personalizer_factory, strategy), tmp_path, r"without ttaperso metadata"
+    )
+    save_file(
+        {"weight": torch.zeros(3)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"}
+    )
+    _assert_load_refused(
+        _victim(personalizer_factory, strategy), tmp_path, r"without ttaperso metadata"
+    )
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -550,7 +606,9 @@ def test_state_from_another_model(
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_state_from_another_strategy(personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path) -> None:
+def test_state_from_another_strategy(
+    personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path
+) -> None:
     other = next(s for s in STRATEGIES if s != strategy)
     _saved(personalizer_factory, other, tmp_path)
     _assert_load_refused(
@@ -559,7 +617,9 @@ def test_state_from_another_strategy(personalizer_factory: PersonalizerFactory, 
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_state_with_other_layout(personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path) -> None:
+def test_state_with_other_layout(
+    personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path
+) -> None:
     """Same strategy, config that changes the tensor layout (smoothing memory) -> refused."""
     _saved(personalizer_factory, strategy, tmp_path, smoothing=3)
     _assert_load_refused(_victim(personalizer_factory, strategy), tmp_path, r"smooth\.probs")
@@ -574,7 +634,10 @@ def _misshapen(t: Tensor) -> Tensor:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_state_with_misshapen_tensor(
-    personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path, request: pytest.FixtureRequest
+    personalizer_factory: PersonalizerFactory,
+    strategy: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A well-formed file whose tensor has the wrong shape is refused at load, for every key."""
     from ttaperso.store import FolderStore
@@ -598,7 +661,9 @@ def test_state_with_misshapen_tensor(
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_load_is_all_or_nothing(personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path) -> None:
+def test_load_is_all_or_nothing(
+    personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path
+) -> None:
     """One bad file in the folder: nothing is loaded, not even the good subjects."""
     good = personalizer_factory(strategy)
     _adapt(good, "good", _stream(4, seed=42), strategy)
@@ -610,13 +675,17 @@ def test_load_is_all_or_nothing(personalizer_factory: PersonalizerFactory, strat
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_tampered_subject_id(personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path) -> None:
+def test_tampered_subject_id(
+    personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path
+) -> None:
     """A file renamed to another subject's file name is refused (its header names its subject)."""
     file = _saved(personalizer_factory, strategy, tmp_path)
     from ttaperso.store import subject_filename
 
     file.rename(tmp_path / subject_filename("T"))
-    _assert_load_refused(_victim(personalizer_factory, strategy), tmp_path, r"does not match its subject id 'S'")
+    _assert_load_refused(
+        _victim(personalizer_factory, strategy), tmp_path, r"does not match its subject id 'S'"
+    )
     with pytest.raises(StateFileError, match=r"holds subject 'S', not 'T'"):
         _victim(personalizer_factory, strategy).load(tmp_path, subjects=["T"])
 
@@ -632,6 +701,6 @@ def test_model_digest_binds_weights(model: nn.Module, other_model: nn.Module) ->
     assert model_digest(model) == model_digest(copy.deepcopy(model))
     with torch.no_grad():
         model[0].weight[0, 0, 0, 0] += 1e-6  # one weight, one ulp-scale change
-    assert ttaperso.Personalizer(model, "source", labels=LABELS, input_shape=INPUT_SHAPE).model_digest != (
-        p1.model_digest
-    )
+    assert ttaperso.Personalizer(
+        model, "source", labels=LABELS, input_shape=INPUT_SHAPE
+    ).model_digest != (p1.model_digest)

@@ -44,7 +44,12 @@ def _entropy_by_hand(row: list[float]) -> float:
 
 
 def test_softmax_entropy_matches_hand_computation() -> None:
-    rows = [[0.0, 0.0, 0.0, 0.0], [2.0, -1.0, 0.5, 0.0], [10.0, 0.0, 0.0, 0.0], [-3.0, 4.0, 1.0, 1.0]]
+    rows = [
+        [0.0, 0.0, 0.0, 0.0],
+        [2.0, -1.0, 0.5, 0.0],
+        [10.0, 0.0, 0.0, 0.0],
+        [-3.0, 4.0, 1.0, 1.0],
+    ]
     got = softmax_entropy(torch.tensor(rows, dtype=torch.float64))
     assert got.shape == (4,)
     for value, row in zip(got.tolist(), rows, strict=True):
@@ -59,8 +64,9 @@ def test_softmax_entropy_is_stable_for_huge_logits() -> None:
 
 @pytest.mark.parametrize("num_classes", [2, 4, 7])
 def test_normalized_entropy_is_entropy_over_ln_c(num_classes: int) -> None:
-    logits = torch.randn(5, num_classes, generator=torch.Generator().manual_seed(num_classes),
-                         dtype=torch.float64)
+    logits = torch.randn(
+        5, num_classes, generator=torch.Generator().manual_seed(num_classes), dtype=torch.float64
+    )
     got = normalized_entropy(logits)
     expected = [_entropy_by_hand(r) / math.log(num_classes) for r in logits.tolist()]
     assert got.tolist() == pytest.approx(expected, abs=1e-12)
@@ -85,14 +91,24 @@ def test_mix_moments_equals_moments_of_concatenation() -> None:
 
 def test_mix_moments_hand_values_and_limits() -> None:
     # {0, 0, 0} (mean 0, var 0) mixed with {4} (mean 4, var 0): mean 1, var 3.
-    mean, var = mix_moments(torch.tensor(0.0), torch.tensor(0.0), 3.0, torch.tensor(4.0), torch.tensor(0.0), 1.0)
+    mean, var = mix_moments(
+        torch.tensor(0.0), torch.tensor(0.0), 3.0, torch.tensor(4.0), torch.tensor(0.0), 1.0
+    )
     assert (mean.item(), var.item()) == pytest.approx((1.0, 3.0))
     # A zero weight returns the other population unchanged.
-    mean, var = mix_moments(torch.tensor(2.0), torch.tensor(5.0), 0.0, torch.tensor(-1.0), torch.tensor(0.5), 4.0)
+    mean, var = mix_moments(
+        torch.tensor(2.0), torch.tensor(5.0), 0.0, torch.tensor(-1.0), torch.tensor(0.5), 4.0
+    )
     assert (mean.item(), var.item()) == pytest.approx((-1.0, 0.5))
     # Tensor weights work too.
-    mean, _ = mix_moments(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(1.0),
-                          torch.tensor(3.0), torch.tensor(1.0), torch.tensor(2.0))
+    mean, _ = mix_moments(
+        torch.tensor(0.0),
+        torch.tensor(1.0),
+        torch.tensor(1.0),
+        torch.tensor(3.0),
+        torch.tensor(1.0),
+        torch.tensor(2.0),
+    )
     assert mean.item() == pytest.approx(2.0)
 
 
@@ -175,7 +191,9 @@ def _logits_with_entropy(num_classes: int, nats: float) -> Tensor:
     lo, hi = 0.0, 50.0
     for _ in range(200):
         a = (lo + hi) / 2
-        h = softmax_entropy(torch.tensor([[a] + [0.0] * (num_classes - 1)], dtype=torch.float64)).item()
+        h = softmax_entropy(
+            torch.tensor([[a] + [0.0] * (num_classes - 1)], dtype=torch.float64)
+        ).item()
         lo, hi = (a, hi) if h > nats else (lo, a)
     return torch.tensor([[(lo + hi) / 2] + [0.0] * (num_classes - 1)])
 
@@ -223,9 +241,13 @@ def test_gate_from_dict() -> None:
         gate_from_dict({"window": 3})
     with pytest.raises(ConfigError, match=r"'kind' key but got 'temporal'"):
         gate_from_dict("temporal")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"Unknown gate kind 'magic'; available: entropy, temporal"):
+    with pytest.raises(
+        ConfigError, match=r"Unknown gate kind 'magic'; available: entropy, temporal"
+    ):
         gate_from_dict({"kind": "magic"})
-    with pytest.raises(ConfigError, match=r"Unknown option\(s\) \['size'\].*valid options: window, min_agreement"):
+    with pytest.raises(
+        ConfigError, match=r"Unknown option\(s\) \['size'\].*valid options: window, min_agreement"
+    ):
         gate_from_dict({"kind": "temporal", "size": 3})
     with pytest.raises(ConfigError, match=r"`window`.*got -1"):
         gate_from_dict({"kind": "temporal", "window": -1})
@@ -270,8 +292,12 @@ def test_config_round_trip(strategy: str) -> None:
     cls = get_config_class(strategy)
     default = cls()
     assert cls.strategy_name == strategy
-    for config in (default, default.replace(gates=(TemporalGate(window=3), EntropyGate(0.5, 0.1)),
-                                            smoothing=4, episodic=True)):
+    for config in (
+        default,
+        default.replace(
+            gates=(TemporalGate(window=3), EntropyGate(0.5, 0.1)), smoothing=4, episodic=True
+        ),
+    ):
         data = config.to_dict()
         assert list(data) == cls.field_names()
         assert cls.from_dict(json.loads(json.dumps(data))) == config
@@ -282,7 +308,9 @@ def test_config_round_trip(strategy: str) -> None:
 def test_config_unknown_keys(strategy: str) -> None:
     cls = get_config_class(strategy)
     valid = ", ".join(cls.field_names())
-    with pytest.raises(ConfigError, match=rf"Unknown config key\(s\) \['zz_bad'\] for strategy '{strategy}'"):
+    with pytest.raises(
+        ConfigError, match=rf"Unknown config key\(s\) \['zz_bad'\] for strategy '{strategy}'"
+    ):
         cls.from_dict({"zz_bad": 1})
     with pytest.raises(ConfigError) as info:
         cls().replace(zz_bad=1)
@@ -312,8 +340,28 @@ def test_config_types_and_ranges() -> None:
 
 # ====================================================================== store
 NASTY_IDS = [
-    "a/b", "a_b", "a?b", "a\\b", "a b", "a:b", "..", "../..", "../../etc/passwd", ".", "",
-    "\x00", "a\x00b", "é", "e", "_", "-", "." * 300, "x" * 300, "CON", "/abs/path", "~user",
+    "a/b",
+    "a_b",
+    "a?b",
+    "a\\b",
+    "a b",
+    "a:b",
+    "..",
+    "../..",
+    "../../etc/passwd",
+    ".",
+    "",
+    "\x00",
+    "a\x00b",
+    "é",
+    "e",
+    "_",
+    "-",
+    "." * 300,
+    "x" * 300,
+    "CON",
+    "/abs/path",
+    "~user",
 ]
 
 
@@ -330,7 +378,9 @@ def test_subject_filename_is_safe_and_unique() -> None:
     assert subject_filename("patient-017").startswith("patient-017-")
 
 
-def test_save_never_escapes_the_folder(personalizer_factory: PersonalizerFactory, tmp_path: Path) -> None:
+def test_save_never_escapes_the_folder(
+    personalizer_factory: PersonalizerFactory, tmp_path: Path
+) -> None:
     folder = tmp_path / "deep" / "states"
     p = personalizer_factory("norm")
     evil = ["../../etc/passwd", "..", "/abs", "a/../../b", "..\\..\\win"]
@@ -390,7 +440,11 @@ def test_subject_bn_prior_inf_equals_eval_exactly() -> None:
     x = _bn_input()
     with torch.no_grad():
         assert torch.equal(layer(x), bn(x))
-    assert [n for n, _ in layer.named_buffers()] == ["running_mean", "running_var", "num_batches_tracked"]
+    assert [n for n, _ in layer.named_buffers()] == [
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    ]
 
 
 def test_subject_bn_prior_zero_equals_batch_statistics() -> None:
@@ -401,7 +455,9 @@ def test_subject_bn_prior_zero_equals_batch_statistics() -> None:
     with torch.no_grad():
         torch.testing.assert_close(layer(x), train_bn(x), rtol=0, atol=1e-5)
     # The layer's own buffers are never updated.
-    assert torch.equal(layer.running_mean, running[0]) and torch.equal(layer.running_var, running[1])
+    assert torch.equal(layer.running_mean, running[0]) and torch.equal(
+        layer.running_var, running[1]
+    )
 
 
 @pytest.mark.parametrize("prior", [1.0, 3.0, 40.0])
@@ -419,8 +475,14 @@ def test_subject_bn_mixed_prior_equals_concatenation(prior: float) -> None:
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
     # And it matches the explicit mixture formula with N = number of frames.
-    m, v = mix_moments(layer.running_mean, layer.running_var, prior,
-                       x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), correction=0), 4.0)
+    m, v = mix_moments(
+        layer.running_mean,
+        layer.running_var,
+        prior,
+        x.mean(dim=(0, 2, 3)),
+        x.var(dim=(0, 2, 3), correction=0),
+        4.0,
+    )
     torch.testing.assert_close(m, mean, rtol=0, atol=1e-5)
     torch.testing.assert_close(v, var, rtol=0, atol=1e-5)
 
@@ -451,7 +513,9 @@ def test_subject_bn_refuses_untracked_layer() -> None:
 
 
 # ====================================================================== norm strategy
-def test_norm_pure_batch_statistics(personalizer_factory: PersonalizerFactory, model: nn.Module) -> None:
+def test_norm_pure_batch_statistics(
+    personalizer_factory: PersonalizerFactory, model: nn.Module
+) -> None:
     """source_prior=0, accumulate=False normalises every batch with its own statistics."""
     p = personalizer_factory("norm", source_prior=0.0, accumulate=False)
     train_model = copy.deepcopy(model).train()
@@ -465,7 +529,9 @@ def test_norm_pure_batch_statistics(personalizer_factory: PersonalizerFactory, m
     assert p.state_nbytes("A") == 0
 
 
-def test_norm_accumulates_admitted_frames(personalizer_factory: PersonalizerFactory, model: nn.Module) -> None:
+def test_norm_accumulates_admitted_frames(
+    personalizer_factory: PersonalizerFactory, model: nn.Module
+) -> None:
     """The running estimate after k frames is the mixture of source stats (prior) and the frames'."""
     p = personalizer_factory("norm", source_prior=8.0, max_frames=512)
     x = target_frames(3, seed=70)
@@ -477,8 +543,14 @@ def test_norm_accumulates_admitted_frames(personalizer_factory: PersonalizerFact
     with torch.no_grad():
         h = model[0](x)
     bn = model[1]
-    mean, var = mix_moments(bn.running_mean, bn.running_var, 8.0,
-                            h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), correction=0), 3.0)
+    mean, var = mix_moments(
+        bn.running_mean,
+        bn.running_var,
+        8.0,
+        h.mean(dim=(0, 2, 3)),
+        h.var(dim=(0, 2, 3), correction=0),
+        3.0,
+    )
     torch.testing.assert_close(state["buffers/network.1.running_mean"], mean, rtol=0, atol=1e-5)
     torch.testing.assert_close(state["buffers/network.1.running_var"], var, rtol=0, atol=1e-5)
 
@@ -518,7 +590,9 @@ def test_sar_recovery_really_resets(
     assert int(state["memory/sar.resets"]) == 1
     assert int(state["memory/sar.ema_updates"]) == 0  # the EMA starts afresh
     assert not [k for k in state if k.startswith("optim/")]
-    for key in [k for k in source_state if k.startswith(("params/", "buffers/"))] + ["memory/norm.count"]:
+    for key in [k for k in source_state if k.startswith(("params/", "buffers/"))] + [
+        "memory/norm.count"
+    ]:
         assert torch.equal(state[key], source_state[key]), key
     for key, value in source_params.items():
         assert torch.equal(state[key], value)
@@ -557,13 +631,19 @@ def test_sar_without_recovery_keeps_ema(personalizer_factory: PersonalizerFactor
 
 
 # ====================================================================== TENT step count
-def test_tent_update_every_takes_one_step_per_k_frames(personalizer_factory: PersonalizerFactory) -> None:
+def test_tent_update_every_takes_one_step_per_k_frames(
+    personalizer_factory: PersonalizerFactory,
+) -> None:
     p = personalizer_factory("tent", update_every=4, optimizer="adam")
     source = p._strategy.initial_state().flat()
     frames = target_frames(12, seed=90)
 
     def steps() -> set[float]:
-        return {float(v) for k, v in p.state_dict("A").items() if k.startswith("optim/") and k.endswith("/step")}
+        return {
+            float(v)
+            for k, v in p.state_dict("A").items()
+            if k.startswith("optim/") and k.endswith("/step")
+        }
 
     for i in range(3):
         assert p.predict(frames[i : i + 1], "A").updated.all()

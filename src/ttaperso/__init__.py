@@ -1,7 +1,7 @@
 """ttaperso: per-subject test-time personalization of frozen facial-expression models.
 
-    p = Personalizer(load_model("fer-mini-xception"), strategy="tent")
-    out = p.predict(frames, subject="patient-017")
+p = Personalizer(load_model("fer-mini-xception"), strategy="tent")
+out = p.predict(frames, subject="patient-017")
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def _strategy_summaries() -> dict[str, tuple[str, dict[str, Any]]]:
         summary = doc.splitlines()[0] if doc else ""
         prefix = f"``{name}``:"
         if summary.startswith(prefix):  # module docstrings open with "``name``: ..."
-            summary = summary[len(prefix):].strip()
+            summary = summary[len(prefix) :].strip()
         out[name] = (summary, config_cls().to_dict())
     return out
 
@@ -69,8 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         "it to held-out subjects with every registered strategy; print a table and write a "
         "PNG plot and a JSON file.",
     )
-    demo.add_argument("--out", default="ttaperso-demo/", metavar="DIR",
-                      help="output folder (default: %(default)s)")
+    demo.add_argument(
+        "--out",
+        default="ttaperso-demo/",
+        metavar="DIR",
+        help="output folder (default: %(default)s)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
 
@@ -118,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("ttaperso: error: a command is required (demo, strategies, models)", file=sys.stderr)
         return 2
-    _setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    _setup_logging(
+        logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    )
     try:
         if args.command == "demo":
             from .demo import run_demo

@@ -45,10 +45,22 @@ IMAGE_SIZE = 32
 # Sizes of a run: source subjects and frames each for training, epochs, target subjects and
 # frames each (the streams), held-out source subjects (the frozen model's in-domain accuracy).
 _PLANS: dict[str, dict[str, int]] = {
-    "full": {"train_subjects": 40, "train_frames": 120, "epochs": 5, "targets": 6,
-             "target_frames": 320, "heldout_subjects": 4},
-    "quick": {"train_subjects": 40, "train_frames": 40, "epochs": 4, "targets": 3,
-              "target_frames": 160, "heldout_subjects": 2},
+    "full": {
+        "train_subjects": 40,
+        "train_frames": 120,
+        "epochs": 5,
+        "targets": 6,
+        "target_frames": 320,
+        "heldout_subjects": 4,
+    },
+    "quick": {
+        "train_subjects": 40,
+        "train_frames": 40,
+        "epochs": 4,
+        "targets": 3,
+        "target_frames": 160,
+        "heldout_subjects": 2,
+    },
 }
 
 
@@ -59,14 +71,22 @@ class ToyFERNet(nn.Module):
         super().__init__()
 
         def block(c_in: int, c_out: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                    nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
 
         self.body = nn.Sequential(
-            *block(1, width), nn.MaxPool2d(2),
-            *block(width, 2 * width), nn.MaxPool2d(2),
-            *block(2 * width, 4 * width), nn.MaxPool2d(2),
-            *block(4 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *block(1, width),
+            nn.MaxPool2d(2),
+            *block(width, 2 * width),
+            nn.MaxPool2d(2),
+            *block(2 * width, 4 * width),
+            nn.MaxPool2d(2),
+            *block(4 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.fc = nn.Linear(4 * width, num_classes)
 
@@ -136,7 +156,9 @@ _TRAIN = {"batch_size": 64, "lr": 3e-3, "weight_decay": 1e-4}
 def _train(model: nn.Module, frames: Tensor, labels: Tensor, epochs: int, seed: int) -> None:
     """Plain supervised training on the source frames (AdamW, one-cycle schedule, h-flips)."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=_TRAIN["lr"], weight_decay=_TRAIN["weight_decay"])
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=_TRAIN["lr"], weight_decay=_TRAIN["weight_decay"]
+    )
     bs = _TRAIN["batch_size"]
     steps = epochs * math.ceil(len(frames) / bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=_TRAIN["lr"], total_steps=steps)
@@ -146,7 +168,7 @@ def _train(model: nn.Module, frames: Tensor, labels: Tensor, epochs: int, seed: 
         order = torch.randperm(len(frames), generator=gen)
         total, correct, loss_sum = 0, 0, 0.0
         for start in range(0, len(frames), bs):
-            idx = order[start:start + bs]
+            idx = order[start : start + bs]
             x, y = frames[idx], labels[idx]
             flip = torch.rand(len(idx), generator=gen) < 0.5  # faces are left-right symmetric
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -160,8 +182,13 @@ def _train(model: nn.Module, frames: Tensor, labels: Tensor, epochs: int, seed: 
             correct += int((logits.argmax(1) == y).sum())
             total += len(idx)
             bar.update()
-        log.debug("epoch %d/%d: loss %.3f, train accuracy %.3f", epoch + 1, epochs,
-                  loss_sum / total, correct / total)
+        log.debug(
+            "epoch %d/%d: loss %.3f, train accuracy %.3f",
+            epoch + 1,
+            epochs,
+            loss_sum / total,
+            correct / total,
+        )
     bar.close()
     model.eval()
 
@@ -187,8 +214,10 @@ def _source_model(plan: dict[str, int], seed: int) -> tuple[ToyFERNet, str]:
         log.info("Loaded the toy source model from %s", path)
         model.eval()
         return model, str(path)
-    log.info("Training the toy source model on %d source subjects (cached afterwards)...",
-             plan["train_subjects"])
+    log.info(
+        "Training the toy source model on %d source subjects (cached afterwards)...",
+        plan["train_subjects"],
+    )
     t0 = time.perf_counter()
     frames, labels, _ = toyfaces.make_dataset(
         seed, plan["train_subjects"], plan["train_frames"], size=IMAGE_SIZE
@@ -196,8 +225,15 @@ def _source_model(plan: dict[str, int], seed: int) -> tuple[ToyFERNet, str]:
     _train(model, frames, labels, plan["epochs"], seed)
     log.info("Trained in %.1f s", time.perf_counter() - t0)
     try:
-        _save_weights(model, path, {"generator": toyfaces.GENERATOR_VERSION, "seed": str(seed),
-                                    "labels": ",".join(toyfaces.CLASSES)})
+        _save_weights(
+            model,
+            path,
+            {
+                "generator": toyfaces.GENERATOR_VERSION,
+                "seed": str(seed),
+                "labels": ",".join(toyfaces.CLASSES),
+            },
+        )
     except OSError as exc:  # a read-only home must not stop the demo
         log.warning("Could not cache the model weights at %s (%s)", path, exc)
     return model, str(path)
@@ -213,7 +249,7 @@ def _stream(p: Personalizer, subject: str, frames: Tensor, batch: int) -> tuple[
     """Feed ``frames`` in order, ``batch`` per call; predicted labels and fraction updated."""
     labels, updated = [], 0
     for start in range(0, len(frames), batch):
-        out = p.predict(frames[start:start + batch], subject=subject)
+        out = p.predict(frames[start : start + batch], subject=subject)
         labels.append(out.labels)
         updated += int(out.updated.sum())
     return torch.cat(labels), updated / len(frames)
@@ -257,10 +293,16 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     for i, m in enumerate(methods):
         values = [results["accuracy"][m][s] for s in results["subjects"]] + [results["mean"][m]]
         frozen = m == "source"
-        ax.bar([g + (i - (len(methods) - 1) / 2) * w for g in range(len(groups))], values, w,
-               label="source (frozen)" if frozen else m, color="0.55" if frozen else None)
-    ax.axhline(results["source_domain_accuracy"], color="k", ls="--", lw=1,
-               label="frozen, source subjects")
+        ax.bar(
+            [g + (i - (len(methods) - 1) / 2) * w for g in range(len(groups))],
+            values,
+            w,
+            label="source (frozen)" if frozen else m,
+            color="0.55" if frozen else None,
+        )
+    ax.axhline(
+        results["source_domain_accuracy"], color="k", ls="--", lw=1, label="frozen, source subjects"
+    )
     ax.axhline(1.0 / len(results["labels"]), color="grey", ls=":", lw=1, label="chance")
     ax.set_xticks(range(len(groups)), groups, rotation=20)
     ax.set_ylim(0, 1)
@@ -310,14 +352,18 @@ def _run_demo(out: Path, seed: int, quick: bool) -> dict[str, Any]:
     t_model = time.perf_counter() - t_start
 
     held_x, held_y, _ = toyfaces.make_dataset(
-        seed + 1_000_003, plan["heldout_subjects"], plan["target_frames"], size=IMAGE_SIZE,
+        seed + 1_000_003,
+        plan["heldout_subjects"],
+        plan["target_frames"],
+        size=IMAGE_SIZE,
         prefix="heldout",
     )
     source_domain = _frozen_accuracy(model, held_x, held_y)
     log.info("Frozen model on held-out source subjects: accuracy %.3f", source_domain)
     targets = [toyfaces.make_subject(seed, i, shifted=True) for i in range(plan["targets"])]
-    streams = {s.id: toyfaces.make_stream(s, plan["target_frames"], seed, size=IMAGE_SIZE)
-               for s in targets}
+    streams = {
+        s.id: toyfaces.make_stream(s, plan["target_frames"], seed, size=IMAGE_SIZE) for s in targets
+    }
     half = plan["target_frames"] // 2
 
     strategies = list_strategies()
@@ -330,10 +376,15 @@ def _run_demo(out: Path, seed: int, quick: bool) -> dict[str, Any]:
     updated: dict[str, float] = {}
     timing: dict[str, float] = {}
     configs: dict[str, dict[str, Any]] = {}
-    options = {"labels": toyfaces.CLASSES, "input_shape": (1, IMAGE_SIZE, IMAGE_SIZE),
-               "head": "fc", "input_range": (-1.0, 1.0)}
-    with _progress(total=len(runs) * len(targets), desc="strategies x subjects",
-                   unit="subject") as bar:
+    options = {
+        "labels": toyfaces.CLASSES,
+        "input_shape": (1, IMAGE_SIZE, IMAGE_SIZE),
+        "head": "fc",
+        "input_range": (-1.0, 1.0),
+    }
+    with _progress(
+        total=len(runs) * len(targets), desc="strategies x subjects", unit="subject"
+    ) as bar:
         for strategy, batch in runs:
             column = strategy if batch == DEMO_BATCH else f"{strategy} (1/call)"
             t0 = time.perf_counter()
@@ -379,10 +430,12 @@ def _run_demo(out: Path, seed: int, quick: bool) -> dict[str, Any]:
     results["timing_s"]["total"] = time.perf_counter() - t_start
     Path(results["json"]).write_text(json.dumps(results, indent=2) + "\n")
     print(format_table(results))
-    print(f"\nfrozen model on held-out source subjects: {source_domain:.3f} "
-          f"(chance {1 / len(toyfaces.CLASSES):.2f}); {len(subjects)} target subjects, "
-          f"{plan['target_frames']} frames each, {DEMO_BATCH} consecutive frames per call "
-          f"(1/call: one frame per call)")
+    print(
+        f"\nfrozen model on held-out source subjects: {source_domain:.3f} "
+        f"(chance {1 / len(toyfaces.CLASSES):.2f}); {len(subjects)} target subjects, "
+        f"{plan['target_frames']} frames each, {DEMO_BATCH} consecutive frames per call "
+        f"(1/call: one frame per call)"
+    )
     print(f"wrote {results['png']} and {results['json']}")
     log.info("Demo finished in %.1f s", results["timing_s"]["total"])
     return results

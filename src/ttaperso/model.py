@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from .errors import ModelInterfaceError
@@ -89,11 +88,3 @@ class FERModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.model_name!r}, labels={self.labels}, input_shape={self.input_shape}"
-
-
-def first_parameter_dtype(module: nn.Module) -> torch.dtype:
-    """The floating dtype of a module's first parameter (float32 when it has none)."""
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32

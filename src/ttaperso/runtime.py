@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .model import FERModel
-from .norm_layers import NormControl, SubjectBatchNorm, convert_batchnorms
+from .norm_layers import NormControl, convert_batchnorms
 
 __all__ = ["ModelRuntime", "ForwardOutput", "model_digest"]
 
@@ -78,11 +78,6 @@ class ModelRuntime:
     @property
     def num_classes(self) -> int:
         return self.module.num_classes
-
-    def bn_modules(self) -> dict[str, SubjectBatchNorm]:
-        """The runtime's BatchNorm layers by name, in module order."""
-        modules = dict(self.module.named_modules())
-        return {name: modules[name] for name in self.bn_layers}  # type: ignore[misc]
 
     def digest(self) -> str:
         """Digest of the private copy now (equals :attr:`source_digest` unless it was mutated)."""

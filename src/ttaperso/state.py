@@ -10,10 +10,9 @@ Four groups, flattened with a prefix for storage:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 __all__ = ["SubjectState"]
@@ -65,15 +64,3 @@ class SubjectState:
     def nbytes(self) -> int:
         """Bytes held by this state's tensors."""
         return sum(t.numel() * t.element_size() for t in self.flat().values())
-
-    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
-        return iter(self.flat().items())
-
-
-def tensors_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
-    """Same keys, dtypes, shapes and values (bitwise for floats, NaN-aware)."""
-    if a.keys() != b.keys():
-        return False
-    return all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
-    )

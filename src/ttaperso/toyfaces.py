@@ -41,8 +41,16 @@ _EXPRESSIONS = np.array(
     ],
     dtype=np.float64,
 )
-_NOMINAL_CAPTURE = {"contrast": 1.0, "brightness": 0.0, "gamma": 1.0, "gradient": 0.0,
-                    "angle": 0.0, "vignette": 0.0, "blur": 0.0, "noise": 0.02}
+_NOMINAL_CAPTURE = {
+    "contrast": 1.0,
+    "brightness": 0.0,
+    "gamma": 1.0,
+    "gradient": 0.0,
+    "angle": 0.0,
+    "vignette": 0.0,
+    "blur": 0.0,
+    "noise": 0.02,
+}
 
 
 @dataclass(frozen=True)
@@ -71,23 +79,38 @@ def make_subject(seed: int, index: int, *, shifted: bool, prefix: str | None = N
     rng = np.random.default_rng([seed, int(shifted), index, 7919])
     u = rng.uniform
     identity = {
-        "rx": u(0.62, 0.78), "ry": u(0.78, 0.92), "cy": u(-0.04, 0.06),
-        "eye_dx": u(0.24, 0.34), "eye_y": u(-0.30, -0.16), "eye_r": u(0.08, 0.12),
-        "brow_gap": u(0.13, 0.19), "brow_len": u(0.18, 0.26),
-        "mouth_y": u(0.34, 0.48), "mouth_w": u(0.20, 0.32),
-        "skin": u(0.1, 0.6), "bg": u(-0.9, -0.5), "ink": u(-1.0, -0.8),
+        "rx": u(0.62, 0.78),
+        "ry": u(0.78, 0.92),
+        "cy": u(-0.04, 0.06),
+        "eye_dx": u(0.24, 0.34),
+        "eye_y": u(-0.30, -0.16),
+        "eye_r": u(0.08, 0.12),
+        "brow_gap": u(0.13, 0.19),
+        "brow_len": u(0.18, 0.26),
+        "mouth_y": u(0.34, 0.48),
+        "mouth_w": u(0.20, 0.32),
+        "skin": u(0.1, 0.6),
+        "bg": u(-0.9, -0.5),
+        "ink": u(-1.0, -0.8),
     }
     rest = (
         rng.choice([-1.0, 1.0]) * u(0.15, 0.45) if shifted else u(-0.15, 0.15),
-        0.0, u(-0.15, 0.15), u(-0.2, 0.2), u(-0.12, 0.12),
+        0.0,
+        u(-0.15, 0.15),
+        u(-0.2, 0.2),
+        u(-0.12, 0.12),
     )
     capture = dict(_NOMINAL_CAPTURE)
     if shifted:
         capture.update(
             contrast=float(np.exp(rng.choice([-1.0, 1.0]) * u(0.2, 0.45))),
-            brightness=u(-0.15, 0.15), gamma=float(np.exp(u(-0.35, 0.35))),
-            gradient=u(0.1, 0.4), angle=u(0.0, 2 * np.pi), vignette=u(0.0, 0.4),
-            blur=u(0.0, 0.8), noise=u(0.02, 0.05),
+            brightness=u(-0.15, 0.15),
+            gamma=float(np.exp(u(-0.35, 0.35))),
+            gradient=u(0.1, 0.4),
+            angle=u(0.0, 2 * np.pi),
+            vignette=u(0.0, 0.4),
+            blur=u(0.0, 0.8),
+            noise=u(0.02, 0.05),
         )
     name = prefix or ("target" if shifted else "source")
     return ToySubject(f"{name}-{index:02d}", identity, tuple(float(r) for r in rest), capture)
@@ -102,8 +125,13 @@ def _paint(img: np.ndarray, mask: np.ndarray, value: np.ndarray | float) -> np.n
     return img * (1.0 - mask) + value * mask
 
 
-def render(subject: ToySubject, expr: np.ndarray, offset: np.ndarray, size: int = 32,
-           rng: np.random.Generator | None = None) -> np.ndarray:
+def render(
+    subject: ToySubject,
+    expr: np.ndarray,
+    offset: np.ndarray,
+    size: int = 32,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """Render frames of one subject: ``expr`` is ``(N, 5)`` expression parameters and
     ``offset`` ``(N, 3)`` head jitter (dx, dy, scale); returns ``(N, size, size)`` in [-1, 1].
 
@@ -135,8 +163,11 @@ def render(subject: ToySubject, expr: np.ndarray, offset: np.ndarray, size: int 
         half = 0.5 * idn["brow_len"] * scale
         x0, x1 = ex - side * half, ex + side * half
         y0, y1 = by - 0.1 * tilt * scale, by + 0.03 * tilt * scale
-        t = np.clip(((x - x0) * (x1 - x0) + (y - y0) * (y1 - y0))
-                    / ((x1 - x0) ** 2 + (y1 - y0) ** 2), 0.0, 1.0)
+        t = np.clip(
+            ((x - x0) * (x1 - x0) + (y - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2),
+            0.0,
+            1.0,
+        )
         dist = np.hypot(x - (x0 + t * (x1 - x0)), y - (y0 + t * (y1 - y0)))
         img = _paint(img, _soft(dist - 0.035 * scale, px), ink)
     # Mouth: a parabola whose centre drops for a smile (image y points down), plus an
@@ -162,8 +193,14 @@ def render(subject: ToySubject, expr: np.ndarray, offset: np.ndarray, size: int 
     return np.clip(v * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
 
 
-def make_stream(subject: ToySubject, n_frames: int, seed: int, *, size: int = 32,
-                segment: tuple[int, int] = (16, 40)) -> tuple[Tensor, Tensor]:
+def make_stream(
+    subject: ToySubject,
+    n_frames: int,
+    seed: int,
+    *,
+    size: int = 32,
+    segment: tuple[int, int] = (16, 40),
+) -> tuple[Tensor, Tensor]:
     """A video of ``subject``: consecutive segments of one expression each, in natural order.
 
     Within a segment the expression intensity rises and falls (onset, apex, offset) and the
@@ -195,9 +232,15 @@ def make_stream(subject: ToySubject, n_frames: int, seed: int, *, size: int = 32
     return torch.from_numpy(frames).unsqueeze(1), torch.from_numpy(labels_a).long()
 
 
-def make_dataset(seed: int, n_subjects: int, frames_per_subject: int, *, shifted: bool = False,
-                 size: int = 32, prefix: str | None = None
-                 ) -> tuple[Tensor, Tensor, list[ToySubject]]:
+def make_dataset(
+    seed: int,
+    n_subjects: int,
+    frames_per_subject: int,
+    *,
+    shifted: bool = False,
+    size: int = 32,
+    prefix: str | None = None,
+) -> tuple[Tensor, Tensor, list[ToySubject]]:
     """Concatenated streams of ``n_subjects`` new subjects: ``(frames, labels, subjects)``."""
     subjects = [make_subject(seed, i, shifted=shifted, prefix=prefix) for i in range(n_subjects)]
     parts = [make_stream(s, frames_per_subject, seed, size=size) for s in subjects]
