@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import toyfaces
+from .io import atomic_write_bytes
 from .personalizer import Personalizer
 from .strategies import list_strategies
 
@@ -114,19 +114,12 @@ def _cache_key(model: nn.Module, plan: dict[str, int], seed: int) -> str:
 
 
 def _save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    """Write the state dict as safetensors atomically (temporary file + ``os.replace``)."""
-    from safetensors.torch import save_file
+    """Write the state dict as safetensors atomically (see :func:`ttaperso.io.atomic_write_bytes`)."""
+    from safetensors.torch import save
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def _load_weights(model: nn.Module, path: Path) -> bool:
