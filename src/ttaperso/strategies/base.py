@@ -49,8 +49,9 @@ class Strategy:
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
     #: memory keys whose first dimension may vary (validated on dtype and trailing shape)
     variable_memory: ClassVar[tuple[str, ...]] = ("smooth.probs",)
-    #: memory key prefixes that may appear later in a subject's life
-    optional_memory: ClassVar[tuple[str, ...]] = ()
+    #: memory key prefixes ``P`` of optional per-parameter tensors ``P<param name>``, shaped
+    #: like that adapted parameter (e.g. TENT's accumulated gradients, ``grad/``)
+    per_param_memory: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StrategyConfig, runtime: ModelRuntime) -> None:
         self.config = config
@@ -163,13 +164,13 @@ class Strategy:
                     ref.memory[key],
                     variable=key in self.variable_memory,
                 )
-            elif key.startswith("grad/") and "grad/" in self.optional_memory:
-                # Accumulated gradients: one per adapted parameter, shaped like it.
-                name = key[len("grad/") :]
+            elif self.per_param_memory and key.startswith(self.per_param_memory):
+                prefix = next(p for p in self.per_param_memory if key.startswith(p))
+                name = key[len(prefix) :]
                 if name not in ref.params:
                     raise StateFileError(f"{source}: memory/{key} names no adapted parameter")
                 _check_like(source, f"memory/{key}", tensor, ref.params[name], variable=False)
-            elif not self.optional_memory or not key.startswith(self.optional_memory):
+            else:
                 raise StateFileError(f"{source}: unexpected tensor memory/{key} for this strategy")
         missing_memory = sorted(ref.memory.keys() - state.memory.keys())
         if missing_memory:
@@ -198,7 +199,7 @@ def _check_like(source: str, key: str, got: Tensor, want: Tensor, *, variable: b
     if variable:
         # First dimension free; trailing dimensions fixed where the reference knows them.
         shape_ok = got.dim() == want.dim() and all(
-            w in (0, g) for g, w in zip(got.shape[1:], want.shape[1:], strict=False)
+            w in (0, g) for g, w in zip(got.shape[1:], want.shape[1:], strict=True)
         )
     else:
         shape_ok = got.shape == want.shape
@@ -225,14 +226,14 @@ def optimizer_step(state: SubjectState, grads: dict[str, Tensor], make: Optimize
     names = list(grads)
     params = [state.params[n] for n in names]
     optimizer = make(params)
-    for name, param in zip(names, params, strict=False):
+    for name, param in zip(names, params, strict=True):
         prefix = f"{name}/"
         saved = {k[len(prefix) :]: v for k, v in state.optim.items() if k.startswith(prefix)}
         if saved:
             optimizer.state[param] = saved
         param.grad = grads[name].to(param.dtype)
     optimizer.step()
-    for name, param in zip(names, params, strict=False):
+    for name, param in zip(names, params, strict=True):
         param.grad = None
         for key, value in optimizer.state[param].items():
             state.optim[f"{name}/{key}"] = (

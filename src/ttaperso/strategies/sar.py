@@ -153,7 +153,7 @@ class SARStrategy(NormStrategy):
         perturbation = [self.config.rho * g / (norm + 1e-12) for g in grads]
         params = [state.params[n] for n in self.param_names]
         with torch.no_grad():
-            for p, e in zip(params, perturbation, strict=False):
+            for p, e in zip(params, perturbation, strict=True):
                 p.add_(e)
         try:
             entropy2, leaves2 = self._entropy_grads(state, frames)
@@ -166,12 +166,12 @@ class SARStrategy(NormStrategy):
             )
         finally:
             with torch.no_grad():
-                for p, e in zip(params, perturbation, strict=False):
+                for p, e in zip(params, perturbation, strict=True):
                     p.sub_(e)
         if grads2 is None or not all(bool(torch.isfinite(g).all()) for g in grads2):
             return
         optimizer_step(
-            state, dict(zip(self.param_names, grads2, strict=False)), self._make_optimizer
+            state, dict(zip(self.param_names, grads2, strict=True)), self._make_optimizer
         )
         loss2 = float(entropy2[reliable2].detach().mean())
         ema = float(state.memory["sar.ema"])

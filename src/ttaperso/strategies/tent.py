@@ -65,7 +65,7 @@ class TentStrategy(NormStrategy):
 
     config_class = TentConfig
     config: TentConfig
-    optional_memory = ("grad/",)
+    per_param_memory = ("grad/",)
 
     def __init__(self, config: TentConfig, runtime) -> None:  # type: ignore[no-untyped-def]
         self.param_names = tuple(norm_affine_parameters(runtime.module))
@@ -100,7 +100,7 @@ class TentStrategy(NormStrategy):
         if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
             return torch.zeros_like(admitted)  # a non-finite gradient never reaches the state
         self.accumulate_and_step(
-            state, dict(zip(self.param_names, grads, strict=False)), float(index.numel())
+            state, dict(zip(self.param_names, grads, strict=True)), float(index.numel())
         )
         return admitted.clone()
 
