@@ -25,6 +25,8 @@ torch.set_num_threads(1)
 #: shape of one preprocessed frame (C, H, W)
 INPUT_SHAPE: tuple[int, int, int] = (1, 16, 16)
 LABELS: tuple[str, ...] = ("anger", "happy", "neutral", "sad")
+#: the tiny model's classification head (its final nn.Linear), for feature strategies
+HEAD = "8"
 
 #: Per-strategy overrides that make a strategy adapt on the tiny model within a few
 #: frames: no gates (the tiny model is near-uniform, so entropy gates would reject every
@@ -83,6 +85,13 @@ def source_frames(n: int, seed: int = 0) -> Tensor:
     """``n`` frames from the "source" distribution (standard normal noise), seeded."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn((n, *INPUT_SHAPE), generator=generator)
+
+
+def source_data(n: int = 48, seed: int = 7) -> ttaperso.SourceData:
+    """A labelled source sample of 4 source subjects (labels cycle over the classes)."""
+    labels = torch.arange(n) % len(LABELS)
+    subjects = [f"src{i % 4}" for i in range(n)]
+    return ttaperso.SourceData(source_frames(n, seed=seed), labels=labels, subjects=subjects)
 
 
 def target_frames(n: int, seed: int = 0, scale: float = 1.5, shift: float = 0.7) -> Tensor:
@@ -160,6 +169,8 @@ def other_model() -> nn.Sequential:
 def personalizer_factory(model: nn.Sequential) -> PersonalizerFactory:
     """``factory(strategy, *, adapt=True, model=None, **overrides)`` -> Personalizer.
 
+    Every Personalizer gets the head name and a labelled source sample (strategies that
+    need neither ignore them); pass ``source=None`` to leave the sample out.
     With ``adapt=True`` the strategy's "make it adapt" overrides are applied first and
     ``overrides`` win over them; ``model`` defaults to the test's ``model`` fixture.
     """
@@ -171,7 +182,7 @@ def personalizer_factory(model: nn.Sequential) -> PersonalizerFactory:
         model: nn.Module | None = None,
         **overrides: Any,
     ) -> ttaperso.Personalizer:
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"head": HEAD, "source": source_data()}
         if adapt and isinstance(strategy, str):
             options.update(adapt_overrides(strategy))
         options.update(overrides)

@@ -684,3 +684,34 @@ def test_labels_and_shapes(personalizer_factory: PersonalizerFactory) -> None:
     out = p.predict(target_frames(3), "A")
     assert out.class_names == LABELS and out.subject == "A"
     assert len(out.names) == 3
+
+
+# ------------------------------------------------------------------ source data
+def test_source_data_validation(model: nn.Module) -> None:
+    frames = torch.zeros(4, 1, 16, 16)
+    with pytest.raises(ttaperso.InputError, match="shape \\(4,\\)"):
+        ttaperso.SourceData(frames, labels=[0, 1])
+    with pytest.raises(ttaperso.InputError, match="integer class indices"):
+        ttaperso.SourceData(frames, labels=torch.zeros(4))
+    with pytest.raises(ttaperso.InputError, match="4 non-empty str ids"):
+        ttaperso.SourceData(frames, subjects=["a", "b"])
+    with pytest.raises(ttaperso.InputError, match="labels in \\[0, 4\\)"):
+        ttaperso.Personalizer(
+            model,
+            "norm",
+            labels=("a", "b", "c", "d"),
+            input_shape=(1, 16, 16),
+            source=ttaperso.SourceData(frames, labels=[0, 1, 2, 9]),
+        )
+    with pytest.raises(ttaperso.InputError, match="channel"):
+        ttaperso.Personalizer(
+            model,
+            "norm",
+            labels=("a", "b", "c", "d"),
+            input_shape=(1, 16, 16),
+            source=ttaperso.SourceData(torch.zeros(4, 3, 16, 16)),
+        )
+    with pytest.raises(ttaperso.InputError, match="SourceData"):
+        ttaperso.Personalizer(
+            model, "norm", labels=("a", "b", "c", "d"), input_shape=(1, 16, 16), source=frames
+        )

@@ -20,6 +20,7 @@ from .gates import EntropyGate, Gate, TemporalGate
 from .model import FERModel
 from .models import list_models, load_model
 from .personalizer import Personalizer, Prediction
+from .source_data import SourceData
 from .store import FolderStore, StateStore
 from .strategies import (
     NormConfig,
@@ -34,6 +35,7 @@ __all__ = [
     "Personalizer",
     "Prediction",
     "FERModel",
+    "SourceData",
     "list_strategies",
     "register_strategy",
     "list_models",

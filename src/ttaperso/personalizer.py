@@ -17,6 +17,7 @@ from .config import StrategyConfig
 from .errors import InputError, StateFileError
 from .models import as_fer_model
 from .runtime import ModelRuntime
+from .source_data import SourceData
 from .state import SubjectState
 from .store import FORMAT_NAME, FORMAT_VERSION, FolderStore, StateStore
 from .strategies import build_strategy, get_config_class, make_config
@@ -74,6 +75,9 @@ class Personalizer:
         strategy: a registered strategy name (see :func:`ttaperso.list_strategies`) or a
             config object such as ``TentConfig(lr=1e-4)``.
         labels, input_shape, head, input_range: describe a plain ``nn.Module``.
+        source: a :class:`~ttaperso.source_data.SourceData` sample of the model's source
+            domain, for strategies that need one (``eata``'s Fisher anchor, ``tta_cap``'s
+            source prototypes); ignored by strategies that do not.
         **options: overrides of the strategy's config keys (``lr=1e-4``, ...).
 
     The model is copied once and frozen; the caller's model is never modified. Each
@@ -90,14 +94,26 @@ class Personalizer:
         input_shape: tuple[int, int | None, int | None] | None = None,
         head: str | None = None,
         input_range: tuple[float, float] | None = None,
+        source: SourceData | None = None,
         **options: Any,
     ) -> None:
         config = make_config(strategy, **options)
         fer_model = as_fer_model(
             model, labels=labels, input_shape=input_shape, head=head, input_range=input_range
         )
+        if source is not None and not isinstance(source, SourceData):
+            raise InputError(
+                f"Expected argument `source` to be a SourceData but got {type(source).__name__}"
+            )
         self._runtime = ModelRuntime(fer_model)
-        self._strategy = build_strategy(config, self._runtime)
+        checked = (
+            None
+            if source is None
+            else source.checked_for(
+                self._runtime.module, dtype=self._runtime.dtype, device=self._runtime.device
+            )
+        )
+        self._strategy = build_strategy(config, self._runtime, checked)
         self._states: dict[str, SubjectState] = {}
         self._lock = self._runtime.lock
 

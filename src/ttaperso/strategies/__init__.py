@@ -69,9 +69,12 @@ def make_config(strategy: str | StrategyConfig, **overrides: Any) -> StrategyCon
     return config_cls(**overrides)
 
 
-def build_strategy(config: StrategyConfig, runtime: Any) -> Strategy:
-    """Instantiate the registered strategy for ``config`` on a model runtime."""
-    return _lookup(config.strategy_name)(config, runtime)
+def build_strategy(config: StrategyConfig, runtime: Any, source: Any = None) -> Strategy:
+    """Instantiate the registered strategy for ``config`` on a model runtime.
+
+    ``source`` is a validated :class:`~ttaperso.source_data.SourceData` or None.
+    """
+    return _lookup(config.strategy_name)(config, runtime, source)
 
 
 for _cls in (SourceStrategy, NormStrategy, TentStrategy, SARStrategy):

@@ -19,15 +19,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from ..config import StrategyConfig
-from ..errors import InputError, StateFileError
+from ..errors import ConfigError, InputError, StateFileError
 from ..gates import smooth_probs
 from ..runtime import ForwardOutput, ModelRuntime
+from ..source_data import SourceData
 from ..state import SubjectState
 
 __all__ = ["Strategy", "StepResult", "optimizer_step"]
@@ -52,11 +53,23 @@ class Strategy:
     #: memory key prefixes ``P`` of optional per-parameter tensors ``P<param name>``, shaped
     #: like that adapted parameter (e.g. TENT's accumulated gradients, ``grad/``)
     per_param_memory: ClassVar[tuple[str, ...]] = ()
+    #: whether the strategy needs a :class:`~ttaperso.source_data.SourceData` sample
+    #: (``"required"`` refuses to build without one; ``"optional"`` uses it when given)
+    uses_source: ClassVar[Literal["no", "optional", "required"]] = "no"
 
-    def __init__(self, config: StrategyConfig, runtime: ModelRuntime) -> None:
+    def __init__(
+        self, config: StrategyConfig, runtime: ModelRuntime, source: SourceData | None = None
+    ) -> None:
         self.config = config
         self.runtime = runtime
         self.num_classes = runtime.num_classes
+        if source is None and self.uses_source == "required":
+            raise ConfigError(
+                f"Strategy {config.strategy_name!r} needs a sample of source-domain data: "
+                "pass source=SourceData(frames, labels=..., subjects=...) to the Personalizer"
+            )
+        #: the validated source sample (None when not given or not used)
+        self.source = source if self.uses_source != "no" else None
         self._initial = self._complete_state(self.init_state())
 
     # ----------------------------------------------------------------- hooks

@@ -81,13 +81,13 @@ class NormStrategy(Strategy):
     config_class = NormConfig
     config: NormConfig
 
-    def __init__(self, config: NormConfig, runtime) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: NormConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
         if not runtime.bn_layers:
             raise ModelInterfaceError(
                 f"Strategy {config.strategy_name!r} adapts BatchNorm statistics but model "
                 f"{runtime.module.model_name!r} has no BatchNorm layer"
             )
-        super().__init__(config, runtime)
+        super().__init__(config, runtime, source)
 
     def init_state(self) -> SubjectState:
         state = SubjectState()

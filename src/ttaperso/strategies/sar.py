@@ -82,7 +82,7 @@ class SARStrategy(NormStrategy):
     config: SARConfig
     variable_memory = NormStrategy.variable_memory + ("sar.pending",)
 
-    def __init__(self, config: SARConfig, runtime) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: SARConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
         names = norm_affine_parameters(runtime.module)
         layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
         keep = set(layers[: max(0, len(layers) - config.frozen_last_norms)])
@@ -93,7 +93,7 @@ class SARStrategy(NormStrategy):
                 f"{runtime.module.model_name!r} (found {len(layers)} layers, "
                 f"frozen_last_norms={config.frozen_last_norms})"
             )
-        super().__init__(config, runtime)
+        super().__init__(config, runtime, source)
         c = config
         self._make_optimizer = lambda params: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum)
         log_c = math.log(self.num_classes)

@@ -67,14 +67,14 @@ class TentStrategy(NormStrategy):
     config: TentConfig
     per_param_memory = ("grad/",)
 
-    def __init__(self, config: TentConfig, runtime) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: TentConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
         self.param_names = tuple(norm_affine_parameters(runtime.module))
         if not self.param_names:
             raise ModelInterfaceError(
                 f"Strategy {config.strategy_name!r} trains normalization affine parameters but "
                 f"model {runtime.module.model_name!r} has none"
             )
-        super().__init__(config, runtime)
+        super().__init__(config, runtime, source)
         self._make_optimizer = make_optimizer(config.optimizer, config.lr, config.momentum)
 
     def init_state(self) -> SubjectState:
