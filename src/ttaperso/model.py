@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ModelInterfaceError
@@ -80,6 +82,43 @@ class FERModel(nn.Module):
     def linear_head(self) -> tuple[Tensor, Tensor | None]:
         """Return ``(W, b)`` with ``head(z) == z @ W.T + b`` for strategies that need it."""
         raise ModelInterfaceError(f"Model {self.model_name!r} has no linear head")
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """Turn face images into this model's input (the preprocessing it expects).
+
+        ``images``: ``(N, 1 or 3, H, W)`` floats in ``[0, 1]`` (grayscale or RGB face crops of
+        any size, e.g. from :mod:`ttaperso.streams` or SynthFace). The default converts the
+        channel count (RGB -> luminance, gray -> repeated), resizes to the declared
+        ``H x W`` (bilinear with antialiasing) and maps ``[0, 1]`` linearly onto
+        :attr:`input_range` when the model declares one. Adapters whose preprocessing
+        differs (e.g. CLIP's mean/std normalisation) override it.
+        """
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ModelInterfaceError(
+                f"Expected argument `images` to be a tensor (N, 1 or 3, H, W) in [0, 1] but got "
+                f"{shape}"
+            )
+        x = images.float()
+        c, h, w = self.input_shape
+        if x.shape[1] != c:
+            if c == 1:
+                weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
+                x = (x * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+            elif x.shape[1] == 1:
+                x = x.expand(-1, c, -1, -1)
+            else:
+                raise ModelInterfaceError(
+                    f"Model {self.model_name!r} expects {c} channels; cannot convert "
+                    f"{x.shape[1]}-channel images"
+                )
+        if h is not None and w is not None and tuple(x.shape[2:]) != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        x = x.clamp(0.0, 1.0)
+        if self.input_range is not None:
+            lo, hi = self.input_range
+            x = x * (hi - lo) + lo
+        return x.contiguous()
 
     def forward(self, x: Tensor, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         z = self.features(x)
