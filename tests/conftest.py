@@ -37,6 +37,18 @@ ADAPT_OVERRIDES: dict[str, dict[str, Any]] = {
     "norm": {"gates": ()},
     "tent": {"gates": (), "update_every": 4, "lr": 1e-2},
     "sar": {"gates": (), "update_every": 4, "lr": 1e-2, "margin": 1.0},
+    "fisher": {"gates": (), "update_every": 4, "lr": 1e-2, "fisher_frames": 2},
+    # margin 1 and redundancy 1: every frame passes EATA's filters on the near-uniform model
+    "eata": {"gates": (), "update_every": 4, "lr": 1e-2, "margin": 1.0, "redundancy": 1.0},
+    "t3a": {"gates": (), "filter_k": 3},
+    "shot": {"gates": (), "update_every": 4, "lr": 1e-2},
+    # near-uniform tiny model (entropy ~0.98-0.997 ln C): bands that split it into both caches
+    "tta_cap": {
+        "gates": (),
+        "positive_entropy": 0.995,
+        "negative_entropy": 1.0,
+        "calibration_frames": 2,
+    },
 }
 
 
@@ -153,20 +165,60 @@ def assert_states_finite(state: Mapping[str, Tensor], allow_sentinels: bool = Tr
 PersonalizerFactory = Callable[..., ttaperso.Personalizer]
 
 
-@pytest.fixture
-def model() -> nn.Sequential:
-    """The caller's model (fresh per test)."""
-    return build_model(seed=0)
+def _tiny_clip_au(seed: int) -> nn.Module:
+    from ttaperso.clip_au import tiny_clip_au
+
+    # One gray 16x16 channel like INPUT_SHAPE, so the table's frames and bad inputs apply.
+    return tiny_clip_au(LABELS, image_size=16, channels=1, window=4, hidden=16, seed=seed)
+
+
+#: Strategies that only run on a model family of their own: strategy -> ``factory(seed)``
+#: of a tiny model of that family (a FERModel taking INPUT_SHAPE frames, LABELS classes).
+#: The ``model``/``other_model`` fixtures and the Personalizer factory use it.
+STRATEGY_MODELS: dict[str, Callable[[int], nn.Module]] = {"clip_autt": _tiny_clip_au}
+#: strategies that run on every model family
+MODEL_AGNOSTIC: frozenset[str] = frozenset({"source"})
+
+
+def build_model_for(strategy: object, seed: int = 0) -> nn.Module:
+    """The tiny test model ``strategy`` runs on (the BN CNN unless STRATEGY_MODELS names one)."""
+    if isinstance(strategy, ttaperso.StrategyConfig):
+        strategy = strategy.strategy_name
+    factory = STRATEGY_MODELS.get(strategy) if isinstance(strategy, str) else None
+    return factory(seed) if factory is not None else build_model(seed=seed)
+
+
+def strategies_sharing_model(strategy: str) -> list[str]:
+    """Registered strategies that run on ``strategy``'s test model (including itself)."""
+    family = STRATEGY_MODELS.get(strategy)
+    return [
+        s
+        for s in ttaperso.list_strategies()
+        if s in MODEL_AGNOSTIC or STRATEGY_MODELS.get(s) is family
+    ]
+
+
+def _test_strategy(request: pytest.FixtureRequest) -> object:
+    callspec = getattr(request.node, "callspec", None)
+    return callspec.params.get("strategy") if callspec is not None else None
 
 
 @pytest.fixture
-def other_model() -> nn.Sequential:
+def model(request: pytest.FixtureRequest) -> nn.Module:
+    """The caller's model (fresh per test): the one the test's ``strategy`` parameter runs on."""
+    return build_model_for(_test_strategy(request), seed=0)
+
+
+@pytest.fixture
+def other_model(request: pytest.FixtureRequest) -> nn.Module:
     """A model with the same architecture and different weights."""
-    return build_model(seed=1)
+    return build_model_for(_test_strategy(request), seed=1)
 
 
 @pytest.fixture
-def personalizer_factory(model: nn.Sequential) -> PersonalizerFactory:
+def personalizer_factory(
+    model: nn.Module, request: pytest.FixtureRequest
+) -> PersonalizerFactory:
     """``factory(strategy, *, adapt=True, model=None, **overrides)`` -> Personalizer.
 
     Every Personalizer gets the head name and a labelled source sample (strategies that
@@ -186,8 +238,16 @@ def personalizer_factory(model: nn.Sequential) -> PersonalizerFactory:
         if adapt and isinstance(strategy, str):
             options.update(adapt_overrides(strategy))
         options.update(overrides)
+        if model is None:
+            name = strategy if isinstance(strategy, str) else strategy.strategy_name
+            shares = name in MODEL_AGNOSTIC or STRATEGY_MODELS.get(name) is default_family
+            model = default_model if shares else build_model_for(name, seed=0)
+        if isinstance(model, ttaperso.FERModel):
+            # An adapter states its own labels, input shape and head.
+            options.pop("head", None)
+            return ttaperso.Personalizer(model, strategy, **options)
         return ttaperso.Personalizer(
-            model if model is not None else default_model,
+            model,
             strategy,
             labels=LABELS,
             input_shape=INPUT_SHAPE,
@@ -195,6 +255,7 @@ def personalizer_factory(model: nn.Sequential) -> PersonalizerFactory:
         )
 
     default_model = model
+    default_family = STRATEGY_MODELS.get(_test_strategy(request))  # type: ignore[arg-type]
     return factory
 
 

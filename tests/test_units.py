@@ -236,7 +236,7 @@ def test_gate_from_dict() -> None:
     assert gate_from_dict(gate) is gate
     for g in (TemporalGate(window=7, min_agreement=0.5), EntropyGate(0.3, 0.1)):
         assert gate_from_dict(json.loads(json.dumps(g.to_dict()))) == g
-    assert list_gates() == ["entropy", "temporal"]
+    assert list_gates() == ["entropy", "prototype", "temporal"]
     with pytest.raises(ConfigError, match=r"'kind' key but got \{'window': 3\}"):
         gate_from_dict({"window": 3})
     with pytest.raises(ConfigError, match=r"'kind' key but got 'temporal'"):

@@ -16,7 +16,7 @@ from .errors import (
     StateFileError,
     TTAPersoError,
 )
-from .gates import EntropyGate, Gate, TemporalGate
+from .gates import EntropyGate, Gate, PrototypeGate, TemporalGate
 from .model import FERModel
 from .models import list_models, load_model
 from .personalizer import Personalizer, Prediction
@@ -48,6 +48,7 @@ __all__ = [
     "Gate",
     "TemporalGate",
     "EntropyGate",
+    "PrototypeGate",
     "FolderStore",
     "StateStore",
     "TTAPersoError",

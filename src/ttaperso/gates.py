@@ -28,6 +28,7 @@ __all__ = [
     "Gate",
     "TemporalGate",
     "EntropyGate",
+    "PrototypeGate",
     "gate_from_dict",
     "list_gates",
     "smooth_probs",
@@ -136,7 +137,51 @@ class EntropyGate(Gate):
         return (h >= self.min_entropy) & (h < self.max_entropy)
 
 
-_GATES: dict[str, type[Gate]] = {"temporal": TemporalGate, "entropy": EntropyGate}
+@dataclass(frozen=True)
+class PrototypeGate(Gate):
+    """Admit a frame only if its nearest class prototype agrees with its prediction.
+
+    TTA-CaP's prototype-consistency gate: the class whose prototype is most similar (cosine)
+    to the frame's feature must be the predicted class, ahead of the second most similar
+    prototype by more than ``margin``. The similarities come from a strategy that keeps
+    prototypes (``tta_cap``'s personalised source prototypes), which calls
+    :meth:`admit_scores`; the generic :meth:`admit` sees only logits and refuses.
+
+    Args:
+        margin: minimum cosine gap between the best and second-best prototype.
+    """
+
+    kind: ClassVar[str] = "prototype"
+    margin: float = 0.05
+
+    def __post_init__(self) -> None:
+        value = self.margin
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2:
+            raise ConfigError(
+                "Expected argument `margin` of PrototypeGate to be a cosine gap in [0, 2) "
+                f"but got {value!r}"
+            )
+
+    def admit(self, memory: dict[str, Tensor], logits: Tensor, labels: Tensor) -> Tensor:
+        raise ConfigError(
+            "PrototypeGate needs prototype similarities, which only a strategy with class "
+            "prototypes (tta_cap) supplies; remove it from this strategy's gates"
+        )
+
+    def admit_scores(self, scores: Tensor, labels: Tensor) -> Tensor:
+        """Mask ``(N,)`` from prototype similarities ``scores (N, C)`` and predictions."""
+        top = scores.detach().float().topk(min(2, scores.shape[1]), dim=1)
+        agrees = top.indices[:, 0].cpu() == labels.cpu()
+        if scores.shape[1] < 2:
+            return agrees
+        return agrees & ((top.values[:, 0] - top.values[:, 1]).cpu() > self.margin)
+
+
+_GATES: dict[str, type[Gate]] = {
+    "temporal": TemporalGate,
+    "entropy": EntropyGate,
+    "prototype": PrototypeGate,
+}
 
 
 def list_gates() -> list[str]:

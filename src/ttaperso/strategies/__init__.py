@@ -11,10 +11,16 @@ from typing import Any
 from ..config import StrategyConfig
 from ..errors import ConfigError
 from .base import StepResult, Strategy
+from .clip_autt import ClipAuttConfig, ClipAuttStrategy
+from .eata import EATAConfig, EATAStrategy
+from .fisher import FisherConfig, FisherStrategy
 from .norm import NormConfig, NormStrategy
 from .sar import SARConfig, SARStrategy
+from .shot import SHOTConfig, SHOTStrategy
 from .source import SourceConfig, SourceStrategy
+from .t3a import T3AConfig, T3AStrategy
 from .tent import TentConfig, TentStrategy
+from .tta_cap import TTACaPConfig, TTACaPStrategy
 
 __all__ = [
     "Strategy",
@@ -27,6 +33,12 @@ __all__ = [
     "NormConfig",
     "TentConfig",
     "SARConfig",
+    "ClipAuttConfig",
+    "FisherConfig",
+    "EATAConfig",
+    "T3AConfig",
+    "SHOTConfig",
+    "TTACaPConfig",
 ]
 
 _REGISTRY: dict[str, type[Strategy]] = {}
@@ -79,3 +91,7 @@ def build_strategy(config: StrategyConfig, runtime: Any, source: Any = None) -> 
 
 for _cls in (SourceStrategy, NormStrategy, TentStrategy, SARStrategy):
     register_strategy(_cls)
+register_strategy(TTACaPStrategy)
+for _cls in (FisherStrategy, EATAStrategy, T3AStrategy, SHOTStrategy):
+    register_strategy(_cls)
+register_strategy(ClipAuttStrategy)
