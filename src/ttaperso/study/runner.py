@@ -1,0 +1,348 @@
+"""Run a study: cells (model x dataset x protocol x strategy options x seed), cached on disk.
+
+A *cell* is one Personalizer run over every subject stream of one dataset. Its result
+(per-frame predictions, targets, admission flags, per-video predictions, timing, state
+bytes) is written to ``<out>/cells/<hash>.json`` (atomically) as soon as it finishes; the
+hash covers everything that determines the result: the model spec and its weights' digest,
+the dataset spec (and the source dataset's, which strategies using a source sample see),
+the protocol, the strategy's fully resolved config, the seed and :data:`CACHE_VERSION`.
+Rerunning a study, interrupted or finished, loads every cell whose file exists and computes
+only the others.
+
+Hyperparameters: for each (model, protocol, strategy) with a grid, every grid point runs on
+the ``dev`` dataset; the point with the best ``select_metric`` (pooled over the dev
+subjects, mean over seeds; ties -> the first point) is frozen and is the only one run on the
+``eval`` datasets. Eval data never influence the choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import metrics
+from ..errors import TTAPersoError
+from ..io import atomic_write_bytes
+from ..model import FERModel
+from ..personalizer import Personalizer
+from ..source_data import SourceData
+from ..strategies import make_config
+from ..streams.types import SubjectStream
+from .config import ProtocolSpec, StudyConfig
+from .sources import load_dataset, load_model_spec, source_sample
+
+__all__ = ["CACHE_VERSION", "Cell", "PreparedStream", "StudyRun", "run_study", "feed_streams"]
+
+log = logging.getLogger("ttaperso.study")
+
+#: bump when the meaning of a cached cell result changes (invalidates every cache)
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PreparedStream:
+    """A subject stream as one model sees it: model input, targets in its label order."""
+
+    subject: str
+    frames: Tensor
+    targets: Tensor
+    sequences: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One Personalizer run over a dataset's subject streams."""
+
+    phase: str  # "dev" or "eval"
+    model: str
+    dataset: str
+    protocol: str
+    strategy: str
+    options: dict[str, Any]
+    seed: int
+
+    def describe(self) -> str:
+        """Short human-readable name (logs, progress bar)."""
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return (
+            f"{self.phase}:{self.model}/{self.dataset}/{self.protocol}/{self.strategy}"
+            f"{'[' + opts + ']' if opts else ''}/seed{self.seed}"
+        )
+
+
+@dataclass
+class StudyRun:
+    """What :func:`run_study` did and found."""
+
+    config: StudyConfig
+    out: Path
+    cells: list[tuple[Cell, dict[str, Any]]] = field(default_factory=list)
+    selections: list[dict[str, Any]] = field(default_factory=list)
+    computed: int = 0
+    loaded: int = 0
+    wall_s: float = 0.0
+    label_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def feed_streams(
+    personalizer: Personalizer, streams: list[PreparedStream], protocol: ProtocolSpec, seed: int
+) -> dict[str, dict[str, Any]]:
+    """Feed every stream through ``personalizer`` (predict, then adapt) per ``protocol``.
+
+    ``shuffled`` orders each subject's frames with ``numpy.random.default_rng(seed)``
+    (the FACTS.md section 4 protocol); ``natural`` keeps stream order. Returns per subject
+    the stream-order predictions, targets, admission flags, per-video predictions, time
+    spent in ``predict`` and state bytes.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for stream in streams:
+        n = stream.frames.shape[0]
+        if protocol.order == "shuffled":
+            order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+        else:
+            order = torch.arange(n)
+        frames, targets = stream.frames[order], stream.targets[order]
+        sequences = [stream.sequences[i] for i in order.tolist()]
+        logits, preds, updated = [], [], []
+        start = time.perf_counter()
+        for i in range(0, n, protocol.batch_size):
+            result = personalizer.predict(frames[i : i + protocol.batch_size], stream.subject)
+            logits.append(result.logits.cpu())
+            preds.append(result.labels.cpu())
+            updated.append(result.updated.cpu())
+        seconds = time.perf_counter() - start
+        all_logits = torch.cat(logits)
+        vpred, vtarget, vids = metrics.video_predictions(all_logits, targets, sequences)
+        out[stream.subject] = {
+            "preds": torch.cat(preds).tolist(),
+            "targets": targets.tolist(),
+            "updated": torch.cat(updated).int().tolist(),
+            "video_preds": vpred.tolist(),
+            "video_targets": vtarget.tolist(),
+            "videos": vids,
+            "seconds": seconds,
+            "state_nbytes": personalizer.state_nbytes(stream.subject),
+        }
+    return out
+
+
+class _Resources:
+    """Models, prepared datasets and source samples, each loaded once per run."""
+
+    def __init__(self, config: StudyConfig) -> None:
+        self.config = config
+        self._models: dict[str, tuple[FERModel, str]] = {}
+        self._raw: dict[str, list[SubjectStream]] = {}
+        self._prepared: dict[tuple[str, str], list[PreparedStream]] = {}
+        self._sources: dict[str, SourceData | None] = {}
+
+    def model(self, name: str) -> tuple[FERModel, str]:
+        if name not in self._models:
+            model = load_model_spec(name, self.config.models[name])
+            digest = Personalizer(model, "source").model_digest
+            self._models[name] = (model, digest)
+        return self._models[name]
+
+    def raw(self, dataset: str) -> list[SubjectStream]:
+        if dataset not in self._raw:
+            log.info("loading dataset %s", dataset)
+            self._raw[dataset] = load_dataset(dataset, self.config.datasets[dataset])
+        return self._raw[dataset]
+
+    def streams(self, model_name: str, dataset: str) -> list[PreparedStream]:
+        key = (model_name, dataset)
+        if key not in self._prepared:
+            model, _ = self.model(model_name)
+            prepared = []
+            for stream in self.raw(dataset):
+                mapped = stream.relabel(model.labels)
+                frames = torch.cat([model.prepare(c) for c in mapped.images.split(512)])
+                prepared.append(
+                    PreparedStream(stream.subject, frames, mapped.labels, stream.sequences)
+                )
+            self._prepared[key] = prepared
+        return self._prepared[key]
+
+    def source(self, model_name: str) -> SourceData | None:
+        if model_name not in self._sources:
+            name = self.config.models[model_name].get("source", "")
+            model, _ = self.model(model_name)
+            self._sources[model_name] = source_sample(self.raw(name), model) if name else None
+        return self._sources[model_name]
+
+    def label_names(self, model_name: str) -> tuple[str, ...]:
+        return self.model(model_name)[0].labels
+
+
+def _cell_payload(cell: Cell, res: _Resources) -> dict[str, Any]:
+    """Everything that determines a cell's result (hashed into its file name)."""
+    config = res.config
+    _, digest = res.model(cell.model)
+    model_spec = config.models[cell.model]
+    source = model_spec.get("source", "")
+    try:
+        resolved: Any = make_config(cell.strategy, **cell.options).to_dict()
+    except TTAPersoError as exc:
+        resolved = {"invalid": str(exc), "options": cell.options}
+    return {
+        "cache_version": CACHE_VERSION,
+        "model": {"spec": model_spec, "digest": digest},
+        "dataset": config.datasets[cell.dataset],
+        "source": config.datasets[source] if source else None,
+        "protocol": config.protocols[cell.protocol].to_dict(),
+        "strategy": cell.strategy,
+        "config": resolved,
+        "seed": cell.seed,
+    }
+
+
+def _compute(cell: Cell, res: _Resources) -> dict[str, Any]:
+    model, _ = res.model(cell.model)
+    streams = res.streams(cell.model, cell.dataset)
+    torch.manual_seed(cell.seed)
+    try:
+        p = Personalizer(model, cell.strategy, source=res.source(cell.model), **cell.options)
+    except TTAPersoError as exc:  # e.g. a CLIP-only strategy on a CNN
+        return {"status": "n/a", "reason": str(exc)}
+    subjects = feed_streams(p, streams, res.config.protocols[cell.protocol], cell.seed)
+    return {"status": "ok", "config": p.config.to_dict(), "subjects": subjects}
+
+
+def _score(result: dict[str, Any], metric: str, num_classes: int) -> float:
+    subjects = result["subjects"].values()
+    if metric == "mean_subject_accuracy":
+        accs = [
+            metrics.accuracy(torch.tensor(s["preds"]), torch.tensor(s["targets"]), num_classes)
+            for s in subjects
+        ]
+        accs = [a for a in accs if a == a]
+        return float(np.mean(accs)) if accs else float("nan")
+    preds = torch.tensor([p for s in subjects for p in s["preds"]])
+    targets = torch.tensor([t for s in subjects for t in s["targets"]])
+    return float(getattr(metrics.scores(preds, targets, num_classes), metric))
+
+
+def run_study(
+    config: StudyConfig,
+    out: str | Path,
+    *,
+    progress: bool | None = None,
+    on_cell: Callable[[Cell, dict[str, Any], bool], None] | None = None,
+) -> StudyRun:
+    """Run (or resume) ``config``; cell results go to ``<out>/cells/``.
+
+    Args:
+        config: the validated study.
+        out: output folder (created).
+        progress: show a tqdm bar (default: only when stderr is a terminal).
+        on_cell: called after every cell as ``on_cell(cell, result, computed)``
+            (``computed`` False when the result came from the cache).
+
+    Returns the :class:`StudyRun` (cells with results, hyperparameter selections, how many
+    cells were computed and loaded, wall time); :func:`ttaperso.study.write_report` turns
+    it into the report.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    out = Path(out)
+    cache = out / "cells"
+    cache.mkdir(parents=True, exist_ok=True)
+    res = _Resources(config)
+    run = StudyRun(config=config, out=out)
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(desc=f"study {config.name}", unit="cell", disable=not show)
+
+    def get(cell: Cell) -> dict[str, Any]:
+        payload = _cell_payload(cell, res)
+        key = hashlib.sha256(_canonical(payload).encode()).hexdigest()
+        path = cache / f"{key[:24]}.json"
+        result: dict[str, Any] | None = None
+        if path.exists():
+            try:
+                stored = json.loads(path.read_text())
+                if stored.get("key") == key:
+                    result = stored["result"]
+            except (OSError, ValueError, KeyError):
+                log.warning("unreadable cell file %s: recomputing", path)
+        computed = result is None
+        if result is None:
+            t0 = time.perf_counter()
+            result = _compute(cell, res)
+            result["seconds"] = time.perf_counter() - t0
+            if result["status"] == "ok":  # refusals are cheap to redo and may be fixed
+                record = {"key": key, "cell": payload, "result": result}
+                atomic_write_bytes(path, json.dumps(record).encode())
+            run.computed += 1
+            log.info("%s: %s (%.1fs)", cell.describe(), result["status"], result["seconds"])
+        else:
+            run.loaded += 1
+            log.debug("%s: loaded from cache", cell.describe())
+        bar.update(1)
+        run.cells.append((cell, result))
+        if on_cell is not None:
+            on_cell(cell, result, computed)
+        return result
+
+    try:
+        for model_name in config.models:
+            run.label_names[model_name] = res.label_names(model_name)
+            num_classes = len(run.label_names[model_name])
+            for protocol in config.protocols:
+                for strategy in config.strategies:
+                    points = config.grid_points(strategy)
+                    chosen = points[0]
+                    selection: dict[str, Any] = {
+                        "model": model_name,
+                        "protocol": protocol,
+                        "strategy": strategy,
+                        "dev": config.dev,
+                        "metric": config.select_metric,
+                        "candidates": [],
+                    }
+                    if len(points) > 1:
+                        best = -float("inf")
+                        for options in points:
+                            values = []
+                            for seed in config.seeds:
+                                cell = Cell(
+                                    "dev", model_name, config.dev, protocol, strategy, options, seed
+                                )
+                                result = get(cell)
+                                if result["status"] == "ok":
+                                    values.append(_score(result, config.select_metric, num_classes))
+                            value = float(np.mean(values)) if values else float("nan")
+                            selection["candidates"].append({"options": options, "score": value})
+                            if value > best:  # NaN never wins
+                                best, chosen = value, options
+                    selection["selected"] = chosen
+                    run.selections.append(selection)
+                    for dataset in config.eval:
+                        for seed in config.seeds:
+                            get(Cell("eval", model_name, dataset, protocol, strategy, chosen, seed))
+    finally:
+        bar.close()
+        run.wall_s = time.perf_counter() - start
+    log.info(
+        "study %s: %d cells computed, %d loaded from the cache, %.1fs",
+        config.name,
+        run.computed,
+        run.loaded,
+        run.wall_s,
+    )
+    return run
