@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from .errors import ConfigError
 from .gates import Gate, gate_from_dict
+from .guards import CollapseGuard, guard_from_dict
 
 __all__ = ["StrategyConfig"]
 
@@ -60,6 +61,8 @@ def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
         if isinstance(value, (Gate, Mapping)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"Expected argument {where} to be a list of gates but got {value!r}")
         return tuple(gate_from_dict(g) for g in value)
+    if CollapseGuard in typing.get_args(hint):
+        return guard_from_dict(value)
     raise ConfigError(
         f"Field {where} has an unsupported type {_type_name(hint)}"
     )  # pragma: no cover
@@ -75,6 +78,8 @@ class StrategyConfig:
         smoothing: output smoothing window in frames (1 = off). Averages the returned
             probabilities over the subject's last ``smoothing`` frames.
         episodic: reset the subject to the source state after every ``predict`` call.
+        guard: a :class:`~ttaperso.guards.CollapseGuard` (or a dict of its options) that
+            watches the subject for collapse and recovers; None (default) = off.
     """
 
     strategy_name: ClassVar[str] = ""
@@ -82,6 +87,7 @@ class StrategyConfig:
     gates: tuple[Gate, ...] = field(default=())
     smoothing: int = 1
     episodic: bool = False
+    guard: CollapseGuard | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -124,7 +130,11 @@ class StrategyConfig:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = [g.to_dict() for g in value] if f.name == "gates" else value
+            if f.name == "gates":
+                value = [g.to_dict() for g in value]
+            elif isinstance(value, CollapseGuard):
+                value = value.to_dict()
+            out[f.name] = value
         return out
 
     @classmethod

@@ -13,13 +13,21 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .audit import AuditLog
 from .config import StrategyConfig
 from .errors import InputError, StateFileError
 from .models import as_fer_model
 from .runtime import ModelRuntime
 from .source_data import SourceData
 from .state import SubjectState
-from .store import FORMAT_NAME, FORMAT_VERSION, FolderStore, StateStore
+from .store import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FolderStore,
+    StateStore,
+    StateVersion,
+    state_digest,
+)
 from .strategies import build_strategy, get_config_class, make_config
 from .validation import validate_frames, validate_subject
 
@@ -75,6 +83,9 @@ class Personalizer:
         strategy: a registered strategy name (see :func:`ttaperso.list_strategies`) or a
             config object such as ``TentConfig(lr=1e-4)``.
         labels, input_shape, head, input_range: describe a plain ``nn.Module``.
+        audit: an :class:`~ttaperso.audit.AuditLog` (or its folder) that records, per
+            subject, saves with state digests, loads, resets, guard recoveries,
+            calibrations and rollbacks in a hash-chained log.
         source: a :class:`~ttaperso.source_data.SourceData` sample of the model's source
             domain, for strategies that need one (``eata``'s Fisher anchor, ``tta_cap``'s
             source prototypes); ignored by strategies that do not.
@@ -95,6 +106,7 @@ class Personalizer:
         head: str | None = None,
         input_range: tuple[float, float] | None = None,
         source: SourceData | None = None,
+        audit: AuditLog | str | Path | None = None,
         **options: Any,
     ) -> None:
         config = make_config(strategy, **options)
@@ -116,6 +128,9 @@ class Personalizer:
         self._strategy = build_strategy(config, self._runtime, checked)
         self._states: dict[str, SubjectState] = {}
         self._lock = self._runtime.lock
+        self._audit = _as_audit(audit)
+        #: frames / updated frames / guard trips per subject since its last audited save
+        self._activity: dict[str, dict[str, int]] = {}
 
     # ------------------------------------------------------------ properties
     @property
@@ -165,6 +180,7 @@ class Personalizer:
             state = self._states.get(subject)
             working = state if state is not None else self._strategy.initial_state()
             result = self._strategy.step(working, x)
+            self._record_step(subject, result.updated)
             if self.config.episodic:
                 working = self._strategy.initial_state()
             self._states[subject] = working
@@ -189,6 +205,8 @@ class Personalizer:
         """Forget one subject's adaptation (or every subject's when ``subject`` is None)."""
         with self._lock:
             if subject is None:
+                for known in list(self._states):
+                    self._audit_event(known, "reset", {"cause": "user"})
                 self._states.clear()
                 return
             validate_subject(subject)
@@ -197,6 +215,7 @@ class Personalizer:
                     f"Unknown subject {subject!r}; known subjects: {list(self._states)[:20]}"
                 )
             del self._states[subject]
+            self._audit_event(subject, "reset", {"cause": "user"})
 
     def state_dict(self, subject: str) -> dict[str, Tensor]:
         """A copy of the subject's state tensors under their on-disk keys."""
@@ -244,7 +263,9 @@ class Personalizer:
             snapshot = {s: self._states[s].clone() for s in names}
         metadata = self._metadata()
         for subject, state in snapshot.items():
-            store.write(subject, state.flat(), metadata)
+            kept = store.write(subject, state.flat(), metadata)
+            if self._audit is not None:
+                self._audit_save(subject, state, kept, store)
         return names
 
     def load(
@@ -269,6 +290,10 @@ class Personalizer:
             loaded[subject] = self._check_loaded(subject, tensors, metadata, store)
         with self._lock:
             self._states.update(loaded)
+            for subject, state in loaded.items():
+                self._audit_event(
+                    subject, "load", {"store": repr(store), "state_digest": _digest(state)}
+                )
         return list(loaded)
 
     def _check_loaded(
@@ -312,3 +337,127 @@ class Personalizer:
                 for group in ("params", "buffers", "optim", "memory")
             }
         )
+
+    # ------------------------------------------------- reliability (issue 9)
+    def calibrate(self, subject: str, neutral_frames: Tensor) -> None:
+        """Initialise ``subject`` from a short neutral recording (resting face).
+
+        Starts from the subject's current state (a fresh one for a new subject) and applies
+        the strategy's calibration (BN statistics for ``norm``/``tent``/``sar``); see
+        :mod:`ttaperso.calibration`. Raises ConfigError for strategies without one and
+        InputError for bad frames; on error nothing changes.
+        """
+        subject = validate_subject(subject)
+        x = validate_frames(
+            neutral_frames,
+            self._runtime.module,
+            dtype=self._runtime.dtype,
+            device=self._runtime.device,
+        )
+        with self._lock:
+            state = self._states.get(subject)
+            working = (state if state is not None else self._strategy.initial_state()).clone()
+            self._strategy.calibrate(working, x)
+            self._states[subject] = working
+            self._audit_event(
+                subject, "calibrate", {"frames": int(x.shape[0]), "state_digest": _digest(working)}
+            )
+
+    def versions(self, target: str | Path | StateStore, subject: str) -> list[StateVersion]:
+        """Kept versions of ``subject`` in a versioned :class:`FolderStore`, oldest first."""
+        store = _as_store(target)
+        if not isinstance(store, FolderStore):
+            raise InputError(f"Expected a FolderStore for versions but got {store!r}")
+        return store.versions(validate_subject(subject))
+
+    def rollback(self, target: str | Path | StateStore, subject: str, version: int) -> None:
+        """Make ``version`` of ``subject`` current again, in the store and in memory.
+
+        The version is checked like any loaded state first; the rollback is written as a
+        new version (history is kept) and recorded in the audit log.
+        """
+        store = _as_store(target)
+        if not isinstance(store, FolderStore):
+            raise InputError(f"Expected a FolderStore for rollback but got {store!r}")
+        subject = validate_subject(subject)
+        tensors, metadata = store.read_version(subject, version)
+        state = self._check_loaded(subject, tensors, metadata, store)
+        kept = store.rollback(subject, version)
+        with self._lock:
+            self._states[subject] = state
+            self._audit_event(
+                subject,
+                "rollback",
+                {
+                    "to_version": version,
+                    "new_version": None if kept is None else kept.version,
+                    "state_digest": _digest(state),
+                },
+            )
+
+    def _record_step(self, subject: str, updated: Tensor) -> None:
+        """Count frames and updates; write a guard recovery to the audit log (under the lock)."""
+        event = self._strategy.last_guard_event
+        if self._audit is None and event is None:
+            return
+        activity = self._activity.setdefault(subject, {"frames": 0, "updated": 0, "trips": 0})
+        activity["frames"] += int(updated.numel())
+        activity["updated"] += int(updated.sum())
+        if event is not None:
+            activity["trips"] += 1
+            log.info(
+                "%s: collapse guard recovered to %s (%s)",
+                subject,
+                event.recovered_to,
+                ", ".join(event.causes),
+            )
+            self._audit_event(
+                subject,
+                "guard",
+                {
+                    "causes": list(event.causes),
+                    "frame": event.frame,
+                    "recovered_to": event.recovered_to,
+                    "signals": event.signals,
+                },
+            )
+
+    def _audit_event(self, subject: str, event: str, data: dict[str, Any]) -> None:
+        if self._audit is None:
+            return
+        context = {
+            "strategy": self.strategy_name,
+            "config": self.config.to_dict(),
+            "model_digest": self.model_digest,
+            "ttaperso_version": __version__,
+        }
+        self._audit.append(subject, event, {**data, **context})
+
+    def _audit_save(self, subject: str, state: SubjectState, kept: Any, store: StateStore) -> None:
+        with self._lock:
+            activity = self._activity.pop(subject, {"frames": 0, "updated": 0, "trips": 0})
+        self._audit_event(
+            subject,
+            "save",
+            {
+                "store": repr(store),
+                "state_digest": _digest(state),
+                "version": getattr(kept, "version", None),
+                "since_last_save": activity,
+            },
+        )
+
+
+def _digest(state: SubjectState) -> str:
+    return state_digest(state.flat())
+
+
+def _as_audit(audit: AuditLog | str | Path | None) -> AuditLog | None:
+    if audit is None or isinstance(audit, AuditLog):
+        return audit
+    if isinstance(audit, (str, Path)):
+        return AuditLog(audit)
+    raise InputError(
+        f"Expected argument `audit` to be an AuditLog, a folder path or None but got "
+        f"{type(audit).__name__}"
+    )

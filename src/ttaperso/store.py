@@ -11,22 +11,37 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from .errors import StateFileError
+from .errors import InputError, StateFileError
 from .io import atomic_write_bytes
 
-__all__ = ["StateStore", "FolderStore", "FORMAT_NAME", "FORMAT_VERSION", "subject_filename"]
+__all__ = [
+    "StateStore",
+    "FolderStore",
+    "StateVersion",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "subject_filename",
+    "state_digest",
+]
 
 FORMAT_NAME = "ttaperso.subject-state"
 FORMAT_VERSION = 1
 _META_KEY = "ttaperso"
+#: header keys beside the JSON description (kept out of it so metadata round-trips as given)
+_DIGEST_KEY = "ttaperso.state_digest"
+_VERSION_KEY = "ttaperso.state_version"
 _SUFFIX = ".safetensors"
+_VERSIONS_DIR = ".versions"
 #: refuse state files above this size before reading them (a subject state is KiB to MiB)
 MAX_STATE_FILE_BYTES = 512 * 1024 * 1024
 
@@ -57,24 +72,143 @@ def subject_filename(subject: str) -> str:
     return f"{slug}-{digest}{_SUFFIX}"
 
 
-class FolderStore:
-    """Subject states as safetensors files in one local folder (created on first write)."""
+def state_digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over the sorted keys, dtypes, shapes and bytes of a flat state dict.
 
-    def __init__(self, path: str | Path) -> None:
+    The same state gives the same digest in memory, in its file, and in the audit log.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StateVersion:
+    """One kept version of a subject's state (see ``FolderStore(keep_versions=...)``)."""
+
+    version: int
+    digest: str
+    saved_at: float
+    path: Path
+
+
+class FolderStore:
+    """Subject states as safetensors files in one local folder (created on first write).
+
+    Args:
+        path: the folder.
+        keep_versions: how many past versions to keep per subject for
+            :meth:`rollback` (0: only the current file, the historical behaviour).
+    """
+
+    def __init__(self, path: str | Path, keep_versions: int = 0) -> None:
+        if (
+            isinstance(keep_versions, bool)
+            or not isinstance(keep_versions, int)
+            or keep_versions < 0
+        ):
+            raise InputError(
+                f"Expected argument `keep_versions` to be an int >= 0 but got {keep_versions!r}"
+            )
         self.path = Path(path)
+        self.keep_versions = keep_versions
 
     def __repr__(self) -> str:
         return f"FolderStore({str(self.path)!r})"
 
-    def write(self, subject: str, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        header = {_META_KEY: json.dumps({**metadata, "subject": subject}, sort_keys=True)}
-        data = save_safetensors(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header
+    def _version_dir(self, subject: str) -> Path:
+        return self.path / _VERSIONS_DIR / subject_filename(subject)[: -len(_SUFFIX)]
+
+    def _version_numbers(self, subject: str) -> list[int]:
+        folder = self._version_dir(subject)
+        if not folder.is_dir():
+            return []
+        return sorted(
+            int(p.stem) for p in folder.iterdir() if p.suffix == _SUFFIX and p.stem.isdigit()
         )
+
+    def write(
+        self, subject: str, tensors: dict[str, Tensor], metadata: dict[str, Any]
+    ) -> StateVersion | None:
+        """Write one subject's state atomically; return the version kept (None without versions).
+
+        With versions, the version file is written first and the current file second, so a
+        crash at any point leaves the current file complete (old or new) and every version
+        file complete.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        digest = state_digest(flat)
+        header = {
+            _META_KEY: json.dumps({**metadata, "subject": subject}, sort_keys=True),
+            _DIGEST_KEY: digest,
+        }
+        kept: StateVersion | None = None
+        if self.keep_versions:
+            numbers = self._version_numbers(subject)
+            number = (numbers[-1] + 1) if numbers else 1
+            header[_VERSION_KEY] = str(number)
+            data = save_safetensors(flat, header)
+            folder = self._version_dir(subject)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{number:010d}{_SUFFIX}"
+            atomic_write_bytes(path, data)
+            kept = StateVersion(number, digest, time.time(), path)
+        else:
+            data = save_safetensors(flat, header)
         atomic_write_bytes(self.path / subject_filename(subject), data)
+        if self.keep_versions:
+            for old in self._version_numbers(subject)[: -self.keep_versions]:
+                (self._version_dir(subject) / f"{old:010d}{_SUFFIX}").unlink(missing_ok=True)
+        return kept
+
+    def versions(self, subject: str) -> list[StateVersion]:
+        """The kept versions of ``subject``, oldest first (each file is checked)."""
+        out = []
+        for number in self._version_numbers(subject):
+            path = self._version_dir(subject) / f"{number:010d}{_SUFFIX}"
+            _, _, digest = self._read_checked(path)
+            out.append(StateVersion(number, digest or "", path.stat().st_mtime, path))
+        return out
+
+    def read_version(self, subject: str, version: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors and metadata of one kept version of ``subject``."""
+        if version not in self._version_numbers(subject):
+            raise StateFileError(
+                f"{self.path}: no version {version!r} of subject {subject!r}; kept versions: "
+                f"{self._version_numbers(subject)}"
+            )
+        path = self._version_dir(subject) / f"{version:010d}{_SUFFIX}"
+        tensors, metadata, _ = self._read_checked(path)
+        if metadata.get("subject") != subject:
+            raise StateFileError(
+                f"{path}: holds subject {metadata.get('subject')!r}, not {subject!r}"
+            )
+        return tensors, metadata
+
+    def rollback(self, subject: str, version: int) -> StateVersion | None:
+        """Make an earlier version current again (recorded as a new version: history is kept)."""
+        tensors, metadata = self.read_version(subject, version)
+        metadata = {k: v for k, v in metadata.items() if k != "subject"}
+        return self.write(subject, tensors, {**metadata, "rolled_back_from": version})
+
+    def digest(self, subject: str) -> str:
+        """Digest of the tensors of ``subject``'s current file (see :func:`state_digest`)."""
+        file = self.path / subject_filename(subject)
+        if not file.is_file():
+            raise StateFileError(f"{self.path}: no state for subject {subject!r}")
+        tensors, _, digest = self._read_checked(file)
+        return digest or state_digest(tensors)
 
     def _read_file(self, file: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors, metadata, _ = self._read_checked(file)
+        return tensors, metadata
+
+    def _read_checked(self, file: Path) -> tuple[dict[str, Tensor], dict[str, Any], str | None]:
+        """Tensors, JSON metadata and stored digest of one file (digest checked when present)."""
         try:
             size = file.stat().st_size
             if size > MAX_STATE_FILE_BYTES:
@@ -101,7 +235,10 @@ class FolderStore:
             raise StateFileError(
                 f"{file}: state format version {metadata.get('version')!r}, this ttaperso reads {FORMAT_VERSION}"
             )
-        return tensors, metadata
+        stored = header.get(_DIGEST_KEY)
+        if stored is not None and stored != state_digest(tensors):
+            raise StateFileError(f"{file}: tensors do not match the digest in the file's header")
+        return tensors, metadata, stored
 
     def _files(self) -> list[Path]:
         if not self.path.is_dir():

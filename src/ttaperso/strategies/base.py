@@ -27,6 +27,7 @@ from torch import Tensor
 from ..config import StrategyConfig
 from ..errors import ConfigError, InputError, StateFileError
 from ..gates import smooth_probs
+from ..guards import GuardEvent
 from ..runtime import ForwardOutput, ModelRuntime
 from ..source_data import SourceData
 from ..state import SubjectState
@@ -56,6 +57,8 @@ class Strategy:
     #: whether the strategy needs a :class:`~ttaperso.source_data.SourceData` sample
     #: (``"required"`` refuses to build without one; ``"optional"`` uses it when given)
     uses_source: ClassVar[Literal["no", "optional", "required"]] = "no"
+    #: the collapse guard's recovery during the last :meth:`step` (None: no guard or no trip)
+    last_guard_event: GuardEvent | None = None
 
     def __init__(
         self, config: StrategyConfig, runtime: ModelRuntime, source: SourceData | None = None
@@ -95,6 +98,17 @@ class Strategy:
         """Update ``state`` from the admitted frames; return the mask of frames that did."""
         return torch.zeros_like(admitted)
 
+    def calibrate(self, state: SubjectState, frames: Tensor) -> None:
+        """Initialise ``state`` from a short neutral recording of the subject (hook).
+
+        The default refuses: strategies that can use a neutral baseline override it (BN
+        statistics for ``norm``/``tent``/``sar``). Must raise before changing ``state``.
+        """
+        raise ConfigError(
+            f"Strategy {self.config.strategy_name!r} does not support neutral-baseline "
+            "calibration"
+        )
+
     # ------------------------------------------------------------ machinery
     def _complete_state(self, state: SubjectState) -> SubjectState:
         for i, gate in enumerate(self.config.gates):
@@ -102,6 +116,8 @@ class Strategy:
                 state.memory[f"gate{i}.{gate.kind}.{key}"] = value
         if self.config.smoothing > 1:
             state.memory["smooth.probs"] = torch.zeros(0, self.num_classes)
+        if self.config.guard is not None:
+            state.memory.update(self.config.guard.init_memory(state, self.num_classes))
         return state
 
     def initial_state(self) -> SubjectState:
@@ -148,6 +164,11 @@ class Strategy:
         labels = detached.argmax(dim=1).cpu()
         admitted = self.apply_gates(state, detached, labels)
         updated = self.adapt(state, frames, out, admitted).to(torch.bool).cpu()
+        self.last_guard_event = (
+            None
+            if self.config.guard is None
+            else self.config.guard.observe(self, state, frames, detached)
+        )
         probs = detached.softmax(dim=1)
         if self.config.smoothing > 1:
             probs = smooth_probs(state.memory, probs.cpu(), self.config.smoothing).to(probs.device)

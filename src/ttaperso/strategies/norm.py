@@ -133,3 +133,12 @@ class NormStrategy(Strategy):
         self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor
     ) -> Tensor:
         return self.update_statistics(state, out, admitted)
+
+    def calibrate(self, state: SubjectState, frames: Tensor) -> None:
+        """Fold a neutral recording's BN statistics into the subject's estimate.
+
+        See :func:`ttaperso.calibration.calibrate_bn_statistics` (shared by tent and sar).
+        """
+        from ..calibration import calibrate_bn_statistics
+
+        calibrate_bn_statistics(self, state, frames)
