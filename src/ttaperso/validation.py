@@ -10,9 +10,20 @@ from torch import Tensor
 from .errors import InputError
 from .model import FERModel
 
-__all__ = ["validate_frames", "validate_subject", "MAX_FRAMES_PER_CALL", "MAX_SUBJECT_ID_LENGTH"]
+__all__ = [
+    "validate_frames",
+    "validate_subject",
+    "MAX_FRAMES_PER_CALL",
+    "MAX_PIXELS_PER_FRAME",
+    "MAX_VALUES_PER_CALL",
+    "MAX_SUBJECT_ID_LENGTH",
+]
 
 MAX_FRAMES_PER_CALL = 4096
+#: frames larger than this (H x W) are refused: no face crop needs more than 4096 x 4096
+MAX_PIXELS_PER_FRAME = 4096 * 4096
+#: values (N x C x H x W) per call: 2**28 float32 values are 1 GiB before any activation
+MAX_VALUES_PER_CALL = 2**28
 MAX_SUBJECT_ID_LENGTH = 256
 
 
@@ -67,6 +78,13 @@ def validate_frames(
     if n > MAX_FRAMES_PER_CALL:
         raise InputError(
             f"Expected at most {MAX_FRAMES_PER_CALL} frames per call but got {n}; split the batch"
+        )
+    pixels = frames.shape[2] * frames.shape[3]
+    if pixels > MAX_PIXELS_PER_FRAME or frames.numel() > MAX_VALUES_PER_CALL:
+        raise InputError(
+            f"Expected frames of at most {MAX_PIXELS_PER_FRAME} pixels and at most "
+            f"{MAX_VALUES_PER_CALL} values per call but got shape {tuple(frames.shape)}; "
+            "resize the frames or split the batch"
         )
     if frames.shape[1] != c:
         raise InputError(
