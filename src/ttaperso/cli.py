@@ -1,4 +1,4 @@
-"""Command line: ``ttaperso demo | strategies | models``.
+"""Command line: ``ttaperso demo | strategies | models | audit verify``.
 
 Exit codes: 0 success, 1 a ttaperso error (one line on stderr), 2 a usage error,
 130 interrupted.
@@ -80,7 +80,72 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("strategies", help="list the registered strategies and their default options")
     sub.add_parser("models", help="list the pretrained models `load_model` knows")
+
+    audit = sub.add_parser("audit", help="check the hash-chained audit logs of subjects")
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    verify = audit_sub.add_parser(
+        "verify",
+        help="verify every subject log in a folder (exit 1 if any chain is broken)",
+        description="Recompute every record's hash and chain link; with --states, also check "
+        "that each subject's current state file matches the digest of its last logged save.",
+    )
+    verify.add_argument("folder", help="folder of *.audit.jsonl files")
+    verify.add_argument("--states", metavar="DIR", help="state folder to cross-check")
+    _add_study_parser(sub)
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
+
+
+def _add_study_parser(sub: Any) -> None:
+    """``ttaperso study CONFIG [KEY=VALUE ...]`` (see ttaperso.study.config for the schema)."""
+    from .study.sources import dataset_kinds, model_kinds
+
+    study = sub.add_parser(
+        "study",
+        help="run a cross-dataset personalization study from a TOML config (resumable)",
+        description="Run models x strategies (grids selected on the dev set) x datasets x "
+        "stream protocols x seeds from a TOML config, then write report.md, PNG plots and "
+        "results.json. Finished cells are cached: rerunning an interrupted study computes "
+        "only the missing ones.",
+        epilog=_epilog()
+        + "\ndataset kinds: "
+        + ", ".join(dataset_kinds())
+        + "\nmodel kinds: "
+        + ", ".join(model_kinds())
+        + "\nexample: ttaperso study experiments/studies/jaffe.toml seeds=[0,1] "
+        "grid.tent.lr=[1e-4]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    study.add_argument("config", help="study TOML file")
+    study.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (TOML values)"
+    )
+    study.add_argument(
+        "--out", metavar="DIR", help="output folder (default: study_<name> in the current folder)"
+    )
+    study.add_argument("--cache", metavar="DIR", help="cell cache folder (default: <out>/cells)")
+    study.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: on when stderr is a terminal)",
+    )
+
+
+def _cmd_study(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    import shlex
+
+    from .study import load_study_config, run_study, write_report
+
+    config = load_study_config(args.config, args.overrides)
+    out = args.out or f"study_{config.name}"
+    run = run_study(config, out, progress=args.progress, cache=args.cache)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = "ttaperso " + " ".join(shlex.quote(w) for w in words)
+    report = write_report(run, command=command)
+    log.info("report: %s", report)
 
 
 def _setup_logging(level: int) -> None:
@@ -111,6 +176,42 @@ def _cmd_models() -> None:
         print(f"{name:<{width}}  {text}")
 
 
+def _cmd_audit_verify(folder: str, states: str | None) -> int:
+    """Print one line per subject log; return 0 when every chain (and state) checks out."""
+    from .audit import AuditLog, verify
+    from .store import FolderStore
+
+    reports = verify(folder)
+    store = FolderStore(states) if states else None
+    failed = 0
+    for report in reports:
+        problems = list(report.errors)
+        if store is not None and report.ok and report.subject is not None:
+            saves = AuditLog(folder).saves(report.subject)
+            if saves:
+                logged = saves[-1]["data"].get("state_digest")
+                try:
+                    current = store.digest(report.subject)
+                except TTAPersoError as exc:
+                    current = f"unreadable ({exc})"
+                if current != logged:
+                    problems.append(
+                        f"current state {str(current)[:16]} is not the last logged save "
+                        f"{str(logged)[:16]}"
+                    )
+        status = "ok" if not problems else "FAILED"
+        tail = " (torn last line ignored)" if report.torn_tail else ""
+        print(
+            f"{status}  {report.subject!r}: {report.records} records, last hash "
+            f"{report.last_hash[:16]}{tail}"
+        )
+        for problem in problems:
+            print(f"    {problem}")
+        failed += bool(problems)
+    print(f"{len(reports)} log(s), {failed} failed")
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 ttaperso error, 2 usage)."""
     parser = build_parser()
@@ -120,7 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("ttaperso: error: a command is required (demo, strategies, models)", file=sys.stderr)
+        print(
+            "ttaperso: error: a command is required (demo, strategies, models, study)",
+            file=sys.stderr,
+        )
         return 2
     _setup_logging(
         logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
@@ -134,6 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_strategies()
         elif args.command == "models":
             _cmd_models()
+        elif args.command == "audit":
+            return _cmd_audit_verify(args.folder, args.states)
+        elif args.command == "study":
+            _cmd_study(args, argv)
+        elif args.command == "bench":
+            from .bench.cli import run_bench_command
+
+            run_bench_command(args, argv)
     except TTAPersoError as exc:
         print(f"ttaperso: error: {exc}", file=sys.stderr)
         return 1

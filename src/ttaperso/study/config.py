@@ -20,7 +20,9 @@ Schema (every table optional unless marked)::
     kind = "jaffe"
 
     [protocols.shuffled]               # required, one table per stream protocol
-    order = "shuffled"                 # natural | shuffled (seeded per subject)
+    order = "shuffled"                 # a ttaperso.streams.protocols name: natural,
+                                       # shuffled (seeded per subject), independent,
+                                       # label_correlated, continual, interleaved
     batch_size = 16
 
     [fixed.tent]                       # strategy options applied to every run of a strategy
@@ -63,7 +65,6 @@ __all__ = [
 
 #: figures a grid point can be selected by (pooled over the dev set, mean over seeds)
 SELECT_METRICS = ("accuracy", "uar", "macro_f1", "mean_subject_accuracy")
-ORDERS = ("natural", "shuffled")
 _TOP_KEYS = {
     "name",
     "description",
@@ -175,7 +176,12 @@ def parse_study_config(raw: Mapping[str, Any]) -> StudyConfig:
         _require(not bad, f"[protocols.{pname}] unknown keys {bad}; valid: order, batch_size")
         order = spec.get("order", "natural")
         batch = spec.get("batch_size", 16)
-        _require(order in ORDERS, f"[protocols.{pname}] order must be one of {ORDERS}: {order!r}")
+        from ..streams.protocols import list_protocols
+
+        _require(
+            order in list_protocols(),
+            f"[protocols.{pname}] order must be one of {list_protocols()} but got {order!r}",
+        )
         _require(
             isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1,
             f"[protocols.{pname}] batch_size must be a positive int but got {batch!r}",

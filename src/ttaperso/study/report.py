@@ -39,8 +39,8 @@ def _seed_figures(result: dict[str, Any], num_classes: int) -> dict[str, Any]:
         ).to_dict()
         for name, s in subjects.items()
     }
-    frames = sum(len(s["preds"]) for s in subjects.values())
-    seconds = sum(s["seconds"] for s in subjects.values())
+    frames = result["frames"]
+    seconds = result["seconds_in_protocol"]
     return {
         **pooled,
         "video_accuracy": metrics.accuracy(vp, vt, num_classes) if vt.numel() else float("nan"),

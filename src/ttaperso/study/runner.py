@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from .. import metrics
 from ..errors import TTAPersoError
@@ -42,22 +41,12 @@ from ..streams.types import SubjectStream
 from .config import ProtocolSpec, StudyConfig
 from .sources import load_dataset, load_model_spec, source_sample
 
-__all__ = ["CACHE_VERSION", "Cell", "PreparedStream", "StudyRun", "run_study", "feed_streams"]
+__all__ = ["CACHE_VERSION", "Cell", "StudyRun", "run_study", "feed_streams"]
 
 log = logging.getLogger("ttaperso.study")
 
 #: bump when the meaning of a cached cell result changes (invalidates every cache)
 CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class PreparedStream:
-    """A subject stream as one model sees it: model input, targets in its label order."""
-
-    subject: str
-    frames: Tensor
-    targets: Tensor
-    sequences: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -100,45 +89,44 @@ def _canonical(obj: Any) -> str:
 
 
 def feed_streams(
-    personalizer: Personalizer, streams: list[PreparedStream], protocol: ProtocolSpec, seed: int
+    personalizer: Personalizer, streams: list[SubjectStream], protocol: ProtocolSpec, seed: int
 ) -> dict[str, dict[str, Any]]:
-    """Feed every stream through ``personalizer`` (predict, then adapt) per ``protocol``.
+    """Feed every stream through ``personalizer`` as ``protocol`` says (predict, then adapt).
 
-    ``shuffled`` orders each subject's frames with ``numpy.random.default_rng(seed)``
-    (the FACTS.md section 4 protocol); ``natural`` keeps stream order. Returns per subject
-    the stream-order predictions, targets, admission flags, per-video predictions, time
-    spent in ``predict`` and state bytes.
+    Delegates the order and state handling to :func:`ttaperso.streams.protocols.run_protocol`
+    (``shuffled`` is the FACTS.md section 4 protocol: each subject's frames in the order
+    ``numpy.random.default_rng(seed).permutation(T)``). Returns per subject the
+    predictions, targets and admission flags in the order fed, per-video predictions, and
+    the subject's mean state bytes; the cell's time inside the protocol is under the key
+    ``""`` (``{"seconds": ..., "frames": ...}``).
     """
+    from ..streams.protocols import run_protocol
+
+    start = time.perf_counter()
+    fed = run_protocol(
+        personalizer, streams, protocol.order, batch_size=protocol.batch_size, seed=seed
+    )
+    seconds = time.perf_counter() - start
     out: dict[str, dict[str, Any]] = {}
-    for stream in streams:
-        n = stream.frames.shape[0]
-        if protocol.order == "shuffled":
-            order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-        else:
-            order = torch.arange(n)
-        frames, targets = stream.frames[order], stream.targets[order]
-        sequences = [stream.sequences[i] for i in order.tolist()]
-        logits, preds, updated = [], [], []
-        start = time.perf_counter()
-        for i in range(0, n, protocol.batch_size):
-            result = personalizer.predict(frames[i : i + protocol.batch_size], stream.subject)
-            logits.append(result.logits.cpu())
-            preds.append(result.labels.cpu())
-            updated.append(result.updated.cpu())
-        seconds = time.perf_counter() - start
-        all_logits = torch.cat(logits)
-        vpred, vtarget, vids = metrics.video_predictions(all_logits, targets, sequences)
-        out[stream.subject] = {
-            "preds": torch.cat(preds).tolist(),
-            "targets": targets.tolist(),
-            "updated": torch.cat(updated).int().tolist(),
+    keys = personalizer.subjects
+    for subject, result in fed.items():
+        vpred, vtarget, vids = metrics.video_predictions(
+            result["logits"].cpu(), result["targets"].cpu(), result["sequences"]
+        )
+        own = sorted(set(result["keys"]) & set(keys))  # "subject" or "subject/session"
+        out[subject] = {
+            "preds": result["labels"].tolist(),
+            "targets": result["targets"].tolist(),
+            "updated": result["updated"].int().tolist(),
             "video_preds": vpred.tolist(),
             "video_targets": vtarget.tolist(),
             "videos": vids,
-            "seconds": seconds,
-            "state_nbytes": personalizer.state_nbytes(stream.subject),
+            "state_nbytes": float(np.mean([personalizer.state_nbytes(k) for k in own]))
+            if own
+            else 0.0,
         }
-    return out
+    frames = sum(len(r["preds"]) for r in out.values())
+    return {"subjects": out, "seconds_in_protocol": seconds, "frames": frames}
 
 
 class _Resources:
@@ -148,7 +136,6 @@ class _Resources:
         self.config = config
         self._models: dict[str, tuple[FERModel, str]] = {}
         self._raw: dict[str, list[SubjectStream]] = {}
-        self._prepared: dict[tuple[str, str], list[PreparedStream]] = {}
         self._sources: dict[str, SourceData | None] = {}
 
     def model(self, name: str) -> tuple[FERModel, str]:
@@ -163,20 +150,6 @@ class _Resources:
             log.info("loading dataset %s", dataset)
             self._raw[dataset] = load_dataset(dataset, self.config.datasets[dataset])
         return self._raw[dataset]
-
-    def streams(self, model_name: str, dataset: str) -> list[PreparedStream]:
-        key = (model_name, dataset)
-        if key not in self._prepared:
-            model, _ = self.model(model_name)
-            prepared = []
-            for stream in self.raw(dataset):
-                mapped = stream.relabel(model.labels)
-                frames = torch.cat([model.prepare(c) for c in mapped.images.split(512)])
-                prepared.append(
-                    PreparedStream(stream.subject, frames, mapped.labels, stream.sequences)
-                )
-            self._prepared[key] = prepared
-        return self._prepared[key]
 
     def source(self, model_name: str) -> SourceData | None:
         if model_name not in self._sources:
@@ -213,14 +186,14 @@ def _cell_payload(cell: Cell, res: _Resources) -> dict[str, Any]:
 
 def _compute(cell: Cell, res: _Resources) -> dict[str, Any]:
     model, _ = res.model(cell.model)
-    streams = res.streams(cell.model, cell.dataset)
+    streams = res.raw(cell.dataset)
     torch.manual_seed(cell.seed)
     try:
         p = Personalizer(model, cell.strategy, source=res.source(cell.model), **cell.options)
     except TTAPersoError as exc:  # e.g. a CLIP-only strategy on a CNN
         return {"status": "n/a", "reason": str(exc)}
-    subjects = feed_streams(p, streams, res.config.protocols[cell.protocol], cell.seed)
-    return {"status": "ok", "config": p.config.to_dict(), "subjects": subjects}
+    fed = feed_streams(p, streams, res.config.protocols[cell.protocol], cell.seed)
+    return {"status": "ok", "config": p.config.to_dict(), **fed}
 
 
 def _score(result: dict[str, Any], metric: str, num_classes: int) -> float:
@@ -242,14 +215,16 @@ def run_study(
     out: str | Path,
     *,
     progress: bool | None = None,
+    cache: str | Path | None = None,
     on_cell: Callable[[Cell, dict[str, Any], bool], None] | None = None,
 ) -> StudyRun:
-    """Run (or resume) ``config``; cell results go to ``<out>/cells/``.
+    """Run (or resume) ``config``; each finished cell's result is written to the cache.
 
     Args:
         config: the validated study.
         out: output folder (created).
         progress: show a tqdm bar (default: only when stderr is a terminal).
+        cache: folder of the cell results (default ``<out>/cells``).
         on_cell: called after every cell as ``on_cell(cell, result, computed)``
             (``computed`` False when the result came from the cache).
 
@@ -261,7 +236,7 @@ def run_study(
 
     start = time.perf_counter()
     out = Path(out)
-    cache = out / "cells"
+    cache = Path(cache) if cache is not None else out / "cells"
     cache.mkdir(parents=True, exist_ok=True)
     res = _Resources(config)
     run = StudyRun(config=config, out=out)
