@@ -43,6 +43,7 @@ __all__ = [
     "tiny_clip_config",
     "load_clip_checkpoint",
     "encode_prompt_embeddings",
+    "check_state_dict_fits",
 ]
 
 #: the seven basic-expression classes (FER2013 order)
@@ -141,11 +142,23 @@ def load_clip_checkpoint(model: nn.Module, path: str | Path) -> None:
     scale = getattr(model, "logit_scale", None)
     if isinstance(scale, Tensor) and "logit_scale" in state:
         state["logit_scale"] = state["logit_scale"].reshape(scale.shape)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    check_state_dict_fits(model, state, f"CLIP checkpoint {str(path)!r}")
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_dict_fits(model: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    """Raise :class:`StateFileError` unless ``state`` has exactly ``model``'s keys and shapes.
+
+    Checked before loading, so a refused file leaves the model untouched.
+    """
+    want = model.state_dict()
+    missing = sorted(want.keys() - state.keys())
+    unexpected = sorted(state.keys() - want.keys())
+    misshapen = sorted(k for k in want.keys() & state.keys() if want[k].shape != state[k].shape)
+    if missing or unexpected or misshapen:
         raise StateFileError(
-            f"CLIP checkpoint {str(path)!r} does not fit this architecture: missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+            f"{what} does not fit this architecture: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, wrong shape {misshapen[:5]}"
         )
 
 
