@@ -225,3 +225,39 @@ def test_required_source_sample_missing_is_not_applicable(tmp_path: Path) -> Non
     run = run_study(config, tmp_path / "out", progress=False)
     refused = [r for c, r in run.cells if c.strategy in needs]
     assert refused and all(r["status"] == "n/a" and "source" in r["reason"] for r in refused)
+
+
+def test_cli_study_runs_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ttaperso.cli import main
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(STUDY)
+    out = tmp_path / "cli"
+    args = ["study", str(config), "strategies=['norm']", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert (out / "report.md").is_file() and (out / "results.json").is_file()
+    first = json.loads((out / "results.json").read_text())
+    assert first["cells_computed"] == 4 and first["cells_loaded"] == 0
+    assert "strategies=" in first["command"]  # the command that regenerates it
+    assert main(args) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert second["cells_computed"] == 0 and second["cells_loaded"] == 4
+    assert second["tables"] == first["tables"]
+    assert main(["study", str(config), "seeds=oops", "--out", str(out)]) == 1
+    assert "seeds" in capsys.readouterr().err
+    assert main(["study", "--help"]) == 0
+    assert "strategies: " in capsys.readouterr().out
+
+
+def test_synthface_dataset_kind_clip_videos() -> None:
+    pytest.importorskip("ttaperso.synthface")
+    from ttaperso.study import load_dataset
+
+    spec = {"kind": "synthface", "subjects": 1, "sessions": 1, "frames_per_clip": [4, 6]}
+    (by_session,) = load_dataset("s", spec)
+    (by_clip,) = load_dataset("s", {**spec, "video": "clip"})
+    assert len(set(by_session.sequences)) == 1
+    assert len(set(by_clip.sequences)) == 7  # one clip per expression
+    assert torch.equal(by_session.images, by_clip.images)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        load_dataset("s", {**spec, "subject": 2})

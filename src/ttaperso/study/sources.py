@@ -9,7 +9,9 @@ module only dispatches to them); a model kind maps a ``[models.NAME]`` table to 
 Built-in dataset kinds: ``jaffe`` (``root``, ``crop``, ``size``), ``yale`` (``root``,
 ``conditions``, ``crop``, ``size``), ``class_folders`` (``folder`` under the data root or
 ``root``, ``max_per_class``, ``seed``, ``size``, ``crop``) and, when SynthFace is installed,
-``synthface``. Built-in model kinds: ``registry`` (``name``: :func:`ttaperso.load_model`).
+``synthface`` (:mod:`ttaperso.study.synthface_kinds`). Built-in model kinds: ``registry``
+(``name``: :func:`ttaperso.load_model`) and ``synthface-demo`` (the demo's CNN trained on
+SynthFace source subjects, cached).
 """
 
 from __future__ import annotations
@@ -111,7 +113,21 @@ def _registry_model(spec: Mapping[str, Any]) -> FERModel:
     return load_model(options["name"])
 
 
+def _synthface(spec: Mapping[str, Any]) -> list[SubjectStream]:
+    from .synthface_kinds import load_synthface
+
+    return load_synthface(spec)
+
+
+def _synthface_demo(spec: Mapping[str, Any]) -> FERModel:
+    from .synthface_kinds import synthface_demo_model
+
+    return synthface_demo_model(spec)
+
+
 register_dataset_kind("jaffe", _jaffe)
+register_dataset_kind("synthface", _synthface)
+register_model_kind("synthface-demo", _synthface_demo)
 register_dataset_kind("yale", _yale)
 register_dataset_kind("class_folders", _class_folders)
 register_model_kind("registry", _registry_model)
