@@ -10,7 +10,9 @@ consecutive frames among the subject's recent frames; AdamW.
 
 State per subject: the context vectors ``(A, n_ctx, width)``, AdamW's two moments and step
 count, the image embeddings of the last ``memory_frames`` frames (temporal context and the
-candidate windows) and a pending-frame counter.
+candidate windows), a pending-frame counter, and the AU text embeddings of the current
+context (``(A, D)``, recomputed after every step: the text encoder over all AU prompts is
+the cost of this method, and a call without a step then runs only the image tower).
 
 Differences from the released code, on purpose:
 
@@ -46,6 +48,7 @@ __all__ = ["ClipAuttConfig", "ClipAuttStrategy"]
 _CTX = "ctx"
 _FEATURES = "clip_autt.features"
 _PENDING = "clip_autt.pending"
+_TEXT = "clip_autt.au_text"
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,8 @@ class ClipAuttStrategy(Strategy):
         state.params[_CTX] = ctx.unsqueeze(0).repeat(len(self.model.aus), 1, 1).contiguous()
         state.memory[_FEATURES] = torch.zeros(0, self.model.clip.embed_dim)
         state.memory[_PENDING] = torch.tensor(0.0, dtype=torch.float64)
+        with torch.no_grad():
+            state.memory[_TEXT] = self.model.au_text_from_context(state.params[_CTX]).contiguous()
         return state
 
     def trainable(self, state: SubjectState) -> tuple[str, ...]:
@@ -130,10 +135,14 @@ class ClipAuttStrategy(Strategy):
         with self.runtime.lock:
             with torch.no_grad():
                 z = model.features(frames)
-            # The text encoder over all AU prompts is the cost of a step: its graph is only
-            # kept when this call may take an optimizer step.
-            with torch.set_grad_enabled(due):
-                au_text = model.au_text_from_context(ctx)
+            # The text encoder over all AU prompts is the cost of a step: it runs (with its
+            # graph) only when this call may take an optimizer step; otherwise the embeddings
+            # of the current context are read from the subject's state.
+            if due:
+                with torch.enable_grad():
+                    au_text = model.au_text_from_context(ctx)
+            else:
+                au_text = state.memory[_TEXT]
             with torch.no_grad():
                 past = state.memory[_FEATURES][-(model.window - 1) :] if model.window > 1 else None
                 seq = z if past is None or past.shape[0] == 0 else torch.cat([past, z])
@@ -161,6 +170,8 @@ class ClipAuttStrategy(Strategy):
         if not bool(torch.isfinite(grad).all()):
             return torch.zeros_like(admitted)  # a non-finite gradient never reaches the state
         optimizer_step(state, {_CTX: grad}, self._make_optimizer)
+        with self.runtime.lock, torch.no_grad():
+            state.memory[_TEXT] = self.model.au_text_from_context(state.params[_CTX]).contiguous()
         return admitted.clone()
 
     def window_entropy(self, recent: Tensor, au_text: Tensor) -> Tensor:
