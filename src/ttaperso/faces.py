@@ -16,7 +16,9 @@ reproduces that crop step by step (fer 25.10.3, ``fer/fer.py``, MIT licence):
 5. ``cv2.resize(face, (64, 64))`` (bilinear, OpenCV's default).
 
 fer classifies every detected face; this module keeps the largest box (ties: the first one
-OpenCV returns), which is what a one-subject stream wants.
+OpenCV returns), which is what a one-subject stream wants. For sequences and videos,
+:func:`crop_sequence_like_fer` crops a frame where detection fails with the last detected box
+(steps 3-5 on a carried-over box, :func:`crop_box_like_fer`), which fer itself does not do.
 """
 
 from __future__ import annotations
