@@ -59,6 +59,13 @@ def mix_moments(
     total = weight_a + weight_b
     wa = weight_a / total
     wb = weight_b / total
+    if not isinstance(wa, Tensor) and not isinstance(wb, Tensor):
+        # Same mixture in 4 kernels instead of 11 (it runs per BN layer per call): with
+        # d = mean_b - mean_a, mean = mean_a + wb d and var = wa var_a + wb var_b + wa wb d^2.
+        d = mean_b - mean_a
+        mean = torch.add(mean_a, d, alpha=wb)
+        var = torch.addcmul(torch.lerp(var_a, var_b, wb), d, d, value=wa * wb)
+        return mean, var
     mean = wa * mean_a + wb * mean_b
     var = wa * (var_a + (mean_a - mean) ** 2) + wb * (var_b + (mean_b - mean) ** 2)
     return mean, var

@@ -66,6 +66,16 @@ class ModelRuntime:
         buffers = dict(module.named_buffers())
         self.parameters: dict[str, Tensor] = params
         self.buffers: dict[str, Tensor] = buffers
+        # Where each named tensor lives (the owning module's _parameters/_buffers dict and
+        # key), found once: swapping a subject's tensors in is then one dict write per
+        # tensor instead of torch.func.functional_call's per-call name resolution.
+        self._slots: dict[str, tuple[dict[str, Tensor | None], str]] = {}
+        for owner_name, owner in module.named_modules(remove_duplicate=False):
+            prefix = f"{owner_name}." if owner_name else ""
+            for table in (owner._parameters, owner._buffers):
+                for key, value in table.items():
+                    if value is not None:
+                        self._slots.setdefault(prefix + key, (table, key))
         self.device = next(iter(params.values())).device if params else torch.device("cpu")
         self.dtype = next(
             (t.dtype for t in params.values() if t.is_floating_point()), torch.float32
@@ -126,17 +136,38 @@ class ModelRuntime:
             self._norm_mode(bn_prior, collect_moments) as control,
             torch.set_grad_enabled(bool(trainable)),
         ):
-            out = functional_call(
-                self.module,
-                call_tensors,
-                (frames,),
-                {"return_features": return_features},
-                tie_weights=False,
-                strict=False,
-            )
+            out = self._call_with(call_tensors, frames, return_features)
             moments = control.collect
         if return_features:
             logits, features = out
         else:
             logits, features = out, None
         return ForwardOutput(logits=logits, features=features, leaves=leaves, moments=moments)
+
+    def _call_with(
+        self, tensors: Mapping[str, Tensor], frames: Tensor, return_features: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The module's forward with ``tensors`` in place of its own (restored afterwards).
+
+        Equivalent to ``functional_call(module, tensors, ..., tie_weights=False)`` (the
+        fallback for a name outside the cached slots); callers hold :attr:`lock`.
+        """
+        if any(name not in self._slots for name in tensors):
+            return functional_call(
+                self.module,
+                dict(tensors),
+                (frames,),
+                {"return_features": return_features},
+                tie_weights=False,
+                strict=False,
+            )
+        swapped: list[tuple[dict[str, Tensor | None], str, Tensor | None]] = []
+        try:
+            for name, tensor in tensors.items():
+                table, key = self._slots[name]
+                swapped.append((table, key, table[key]))
+                table[key] = tensor
+            return self.module(frames, return_features=return_features)
+        finally:
+            for table, key, original in reversed(swapped):
+                table[key] = original

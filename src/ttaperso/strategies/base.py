@@ -149,11 +149,12 @@ class Strategy:
         """One predict call for one subject: forward, gates, adapt, smoothing."""
         out = self.forward(state, frames)
         logits = out.logits
-        moments_finite = out.moments is None or all(
-            bool(torch.isfinite(m).all() and torch.isfinite(sq).all())
-            for m, sq in out.moments.values()
-        )
-        if not bool(torch.isfinite(logits).all()) or not moments_finite:
+        # One check (one device sync) over the logits and every layer's moments.
+        checked = [logits.detach().reshape(-1)]
+        if out.moments is not None:
+            for m, sq in out.moments.values():
+                checked += [m.reshape(-1), sq.reshape(-1)]
+        if not bool(torch.isfinite(torch.cat(checked)).all()):
             # Raised before any write: a bad frame must never poison a subject's state
             # (finite but huge frames can overflow activations or their squares).
             raise InputError(

@@ -55,9 +55,11 @@ class TentConfig(GradientNormConfig):
 
 def make_optimizer(kind: str, lr: float, momentum: float):  # type: ignore[no-untyped-def]
     """Factory building a torch optimizer over a parameter list for one step."""
+    # foreach: one multi-tensor kernel per update stage instead of a Python loop over the
+    # (tens of) normalization parameters; same update rule.
     if kind == "adam":
-        return lambda params: torch.optim.Adam(params, lr=lr)
-    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
+        return lambda params: torch.optim.Adam(params, lr=lr, foreach=True)
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
 
 
 class TentStrategy(NormStrategy):
@@ -97,7 +99,8 @@ class TentStrategy(NormStrategy):
         loss = softmax_entropy(out.logits.index_select(0, index)).sum()
         leaves = [out.leaves[n] for n in self.param_names]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+        present = [g.reshape(-1) for g in grads if g is not None]
+        if present and not bool(torch.isfinite(torch.cat(present)).all()):  # one sync
             return torch.zeros_like(admitted)  # a non-finite gradient never reaches the state
         self.accumulate_and_step(
             state, dict(zip(self.param_names, grads, strict=True)), float(index.numel())
@@ -111,14 +114,19 @@ class TentStrategy(NormStrategy):
         """Add summed per-frame gradients; step with their mean once enough frames are in."""
         pending = float(state.memory["tent.pending"]) + frames
         if pending < self.config.update_every:
+            sums: list[Tensor] = []
+            addends: list[Tensor] = []
             for name, grad in grads.items():
                 if grad is None:
                     continue
                 key = f"grad/{name}"
                 if key in state.memory:
-                    state.memory[key].add_(grad)
+                    sums.append(state.memory[key])
+                    addends.append(grad)
                 else:
                     state.memory[key] = grad.detach().clone()
+            if sums:
+                torch._foreach_add_(sums, addends)  # one call for all parameters
             state.memory["tent.pending"].fill_(pending)
             return
         total: dict[str, Tensor] = {}
