@@ -242,7 +242,7 @@ def test_gate_from_dict() -> None:
     with pytest.raises(ConfigError, match=r"'kind' key but got 'temporal'"):
         gate_from_dict("temporal")  # type: ignore[arg-type]
     with pytest.raises(
-        ConfigError, match=r"Unknown gate kind 'magic'; available: entropy, temporal"
+        ConfigError, match=r"Unknown gate kind 'magic'; available: entropy, prototype, temporal"
     ):
         gate_from_dict({"kind": "magic"})
     with pytest.raises(
