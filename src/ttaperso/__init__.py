@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .audit import AuditLog
 from .config import StrategyConfig
 from .errors import (
     ConfigError,
@@ -17,6 +18,7 @@ from .errors import (
     TTAPersoError,
 )
 from .gates import EntropyGate, Gate, PrototypeGate, TemporalGate
+from .guards import CollapseGuard
 from .model import FERModel
 from .models import list_models, load_model
 from .personalizer import Personalizer, Prediction
@@ -48,6 +50,8 @@ __all__ = [
     "Gate",
     "TemporalGate",
     "EntropyGate",
+    "CollapseGuard",
+    "AuditLog",
     "PrototypeGate",
     "FolderStore",
     "StateStore",
