@@ -64,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="run every strategy on toy subjects (CPU, nothing downloaded)",
-        description="Train (or load from the cache) a small CNN on toy faces, then personalize "
-        "it to held-out subjects with every registered strategy; print a table and write a "
-        "PNG plot and a JSON file.",
+        help="run every strategy on SynthFace subjects (CPU, nothing downloaded)",
+        description="Train (or load from the cache) a small CNN on SynthFace source subjects, "
+        "then personalize it to held-out target subjects with shifted sessions, with every "
+        "registered strategy; print a per-subject table and write a PNG plot and a JSON file.",
     )
     demo.add_argument(
         "--out",

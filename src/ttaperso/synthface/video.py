@@ -69,11 +69,11 @@ def sample_session(rng: np.random.Generator, session_id: str, shifted: bool) -> 
     if not shifted:
         capture = Capture(
             light_angle=u(0.0, 2.0 * math.pi),
-            light_strength=u(0.0, 0.08),
-            level=math.exp(u(-0.08, 0.08)),
-            contrast=math.exp(u(-0.08, 0.08)),
-            noise=u(0.005, 0.02),
-            blur=u(0.0, 0.4),
+            light_strength=u(0.0, 0.2),
+            level=math.exp(u(-0.15, 0.15)),
+            contrast=math.exp(u(-0.15, 0.15)),
+            noise=u(0.005, 0.025),
+            blur=u(0.0, 0.7),
         )
         pose = (
             rng.normal(0, 0.02),
@@ -93,23 +93,23 @@ def sample_session(rng: np.random.Generator, session_id: str, shifted: bool) -> 
         occ_x = float(rng.choice([-1.0, 1.0]) * u(0.15, 0.3))
     capture = Capture(
         light_angle=u(0.0, 2.0 * math.pi),
-        light_strength=u(0.2, 0.6),
-        level=math.exp(u(-0.5, 0.25)),
-        gamma=math.exp(u(-0.45, 0.45)),
-        contrast=math.exp(float(rng.choice([-1.0, 1.0])) * u(0.15, 0.5)),
-        noise=u(0.02, 0.06),
-        blur=u(0.3, 1.5),
+        light_strength=u(0.15, 0.5),
+        level=math.exp(u(-0.4, 0.2)),
+        gamma=math.exp(u(-0.35, 0.35)),
+        contrast=math.exp(float(rng.choice([-1.0, 1.0])) * u(0.1, 0.35)),
+        noise=u(0.01, 0.035),
+        blur=u(0.2, 1.2),
         occlusion=occlusion,
         occ_x=occ_x,
         occ_y=occ_y,
         occ_tone=u(0.2, 0.8),
     )
     pose = (
-        rng.normal(0, 0.05),
-        rng.normal(0, 0.05),
-        u(0.88, 1.1),
-        rng.normal(0, 0.1),
-        u(-0.6, 0.6),
+        rng.normal(0, 0.04),
+        rng.normal(0, 0.04),
+        u(0.92, 1.08),
+        rng.normal(0, 0.06),
+        u(-0.4, 0.4),
     )
     return Session(session_id, capture, tuple(float(p) for p in pose), True)  # type: ignore[arg-type]
 
