@@ -51,6 +51,15 @@ AGGRESSIVE: dict[str, dict[str, Any]] = {
 }
 
 
+#: guard settings compared: off, the defaults, and stricter thresholds
+GUARDS: dict[str, CollapseGuard | None] = {
+    "": None,
+    "guard": CollapseGuard(),
+    "strict guard": CollapseGuard(dominance=0.4, max_divergence=0.5),
+}
+DEFAULT_CONFIGS = ["frozen", "tent", "tent + guard", "sar", "sar + guard"]
+
+
 def augmented_repeats(images: Tensor, repeats: int, seed: int) -> Tensor:
     """Each image ``repeats`` times with small photometric jitter and 1-pixel shifts."""
     g = torch.Generator().manual_seed(seed)
@@ -113,12 +122,13 @@ def part_stream(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     }
     configs: dict[str, Callable[[], ttaperso.Personalizer | None]] = {"frozen": lambda: None}
     for name in ("tent", "sar"):
-        for guarded in (False, True):
-            label = f"{name}{' + guard' if guarded else ''}"
+        for guard_name, guard in GUARDS.items():
+            label = f"{name}{' + ' + guard_name if guard_name else ''}"
             opts = dict(AGGRESSIVE[name])
-            if guarded:
-                opts["guard"] = CollapseGuard()
+            if guard is not None:
+                opts["guard"] = guard
             configs[label] = lambda name=name, opts=opts: ttaperso.Personalizer(model, name, **opts)
+    configs = {k: v for k, v in configs.items() if k in args.configs}
     results: dict[str, Any] = {}
     for dataset, streams in datasets.items():
         frames = sum(len(t) for _, _, t in streams)
@@ -220,6 +230,13 @@ def main() -> None:
     parser.add_argument("--part", choices=["stream", "calib", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=6, help="JAFFE repeats per image")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=DEFAULT_CONFIGS,
+        help="stream configs to run (also: 'tent + strict guard', 'sar + strict guard')",
+    )
+    parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -228,9 +245,15 @@ def main() -> None:
         "command": "python experiments/long_stream.py"
         + (f" --part {args.part}" if args.part != "both" else "")
         + (f" --repeats {args.repeats}" if args.repeats != 6 else "")
-        + (" --quick" if args.quick else ""),
+        + (" --quick" if args.quick else "")
+        + (
+            " --configs " + " ".join(repr(c) for c in args.configs)
+            if args.configs != DEFAULT_CONFIGS
+            else ""
+        )
+        + (f" --tag {args.tag}" if args.tag else ""),
+        "guards": {k or "off": None if g is None else g.to_dict() for k, g in GUARDS.items()},
         "aggressive": {k: {**v, "gates": []} for k, v in AGGRESSIVE.items()},
-        "guard": CollapseGuard().to_dict(),
     }
     if args.part in ("stream", "both"):
         results["stream"] = part_stream(args, model)
@@ -241,6 +264,7 @@ def main() -> None:
         "long_stream"
         + ("_quick" if args.quick else "")
         + (f"_{args.part}" if args.part != "both" else "")
+        + (f"_{args.tag}" if args.tag else "")
     )
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (RESULTS / f"{stem}.md").write_text(to_markdown(results))
