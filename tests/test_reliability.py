@@ -748,3 +748,21 @@ def test_calibrate_becomes_the_guard_snapshot(personalizer_factory: Personalizer
     state = p.state_dict("A")
     for key in [k for k in state if k.startswith("buffers/")]:
         assert torch.equal(state["memory/guard.good/" + key], state[key])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_guard_runs_with_every_strategy_and_round_trips(
+    personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path
+) -> None:
+    guard = CollapseGuard(window=8, min_frames=4, check_every=2, sample=2)
+    p = _build(personalizer_factory, strategy, guard=guard)
+    for i in range(8):
+        p.predict(target_frames(2, seed=i), "A")
+    p.save(tmp_path)
+    q = _build(personalizer_factory, strategy, guard=guard)
+    q.load(tmp_path)
+    for i in range(8, 12):
+        x = target_frames(2, seed=i)
+        assert_same_prediction(p.predict(x, "A"), q.predict(x, "A"))
+    assert states_equal(p.state_dict("A"), q.state_dict("A"))
+    assert int(p.state_dict("A")["memory/guard.frames"]) == 24

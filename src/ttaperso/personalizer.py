@@ -398,19 +398,20 @@ class Personalizer:
     def _record_step(self, subject: str, updated: Tensor) -> None:
         """Count frames and updates; write a guard recovery to the audit log (under the lock)."""
         event = self._strategy.last_guard_event
-        if self._audit is None and event is None:
-            return
-        activity = self._activity.setdefault(subject, {"frames": 0, "updated": 0, "trips": 0})
-        activity["frames"] += int(updated.numel())
-        activity["updated"] += int(updated.sum())
         if event is not None:
-            activity["trips"] += 1
             log.info(
                 "%s: collapse guard recovered to %s (%s)",
                 subject,
                 event.recovered_to,
                 ", ".join(event.causes),
             )
+        if self._audit is None:
+            return
+        activity = self._activity.setdefault(subject, {"frames": 0, "updated": 0, "trips": 0})
+        activity["frames"] += int(updated.numel())
+        activity["updated"] += int(updated.sum())
+        if event is not None:
+            activity["trips"] += 1
             self._audit_event(
                 subject,
                 "guard",
