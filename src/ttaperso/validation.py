@@ -118,4 +118,6 @@ def validate_frames(
                 f"Expected frame values in [{lo}, {hi}] (model {model.model_name!r}) but got values in "
                 f"[{fmin:.4g}, {fmax:.4g}]; apply the model's preprocessing first"
             )
-    return frames.to(device=device, dtype=dtype).contiguous()
+    # Detached: a caller's autograd graph must never make TENT-like strategies
+    # backpropagate into the frames (or further); gradients stop at the first adapted tensor.
+    return frames.detach().to(device=device, dtype=dtype).contiguous()

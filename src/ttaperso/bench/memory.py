@@ -74,7 +74,9 @@ def state_footprint(personalizer: Any, subject: str) -> dict[str, int]:
     return {"memory_bytes": personalizer.state_nbytes(subject), "disk_bytes": disk}
 
 
-def _child(model_name: str, strategy: str, counts: list[int]) -> dict[str, Any]:
+def _child(
+    model_name: str, strategy: str, counts: list[int], overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     from ..personalizer import Personalizer
     from ..store import FolderStore
     from .models import bench_models
@@ -83,7 +85,8 @@ def _child(model_name: str, strategy: str, counts: list[int]) -> dict[str, Any]:
     ((_, bm),) = bench_models([model_name])
     if isinstance(bm, str):
         return {"error": f"model not available: {bm}"}
-    p = Personalizer(bm.module, strategy, source=bm.source(), gates=(), **bm.personalizer_kwargs)
+    options = {**(overrides or {}), "gates": ()}
+    p = Personalizer(bm.module, strategy, source=bm.source(), **bm.personalizer_kwargs, **options)
     for chunk in bm.frames(WARM_FRAMES, seed=1).split(8):
         p.predict(chunk, "template")
     footprint = state_footprint(p, "template")
@@ -124,11 +127,16 @@ def _child(model_name: str, strategy: str, counts: list[int]) -> dict[str, Any]:
 
 
 def measure_in_subprocess(
-    model_name: str, strategy: str, counts: list[int], timeout_s: float = 900.0
+    model_name: str,
+    strategy: str,
+    counts: list[int],
+    overrides: dict[str, Any] | None = None,
+    timeout_s: float = 900.0,
 ) -> dict[str, Any]:
     """Run the measurement in a fresh Python process; errors come back as ``{"error": ...}``."""
     spec = ",".join(str(n) for n in counts)
     cmd = [sys.executable, "-m", "ttaperso.bench.memory", model_name, strategy, spec]
+    cmd.append(json.dumps(overrides or {}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         done = subprocess.run(
@@ -143,9 +151,13 @@ def measure_in_subprocess(
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        print("usage: python -m ttaperso.bench.memory MODEL STRATEGY N1,N2,...", file=sys.stderr)
+    if len(sys.argv) not in (4, 5):
+        print(
+            "usage: python -m ttaperso.bench.memory MODEL STRATEGY N1,N2,... [JSON_OVERRIDES]",
+            file=sys.stderr,
+        )
         sys.exit(2)
-    result = _child(sys.argv[1], sys.argv[2], [int(n) for n in sys.argv[3].split(",")])
+    extra = json.loads(sys.argv[4]) if len(sys.argv) == 5 else {}
+    result = _child(sys.argv[1], sys.argv[2], [int(n) for n in sys.argv[3].split(",")], extra)
     print(json.dumps(result))
     sys.exit(1 if "error" in result else 0)

@@ -38,6 +38,15 @@ REFERENCE_TENT = "tent (reference structure: train-mode BN, Adam 1e-3, step per 
 TENT_ALL_FRAMES = "tent, gates=() (every frame backpropagated)"
 #: frames per timed block: at least one ``update_every`` period of the gradient strategies
 BLOCK_FRAMES = 16
+#: configurations whose state size is also reported: (strategy, label, overrides)
+STATE_VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
+    (
+        "tent",
+        "tent, authors' configuration (source_prior=0, accumulate=False, update_every=1)",
+        {"source_prior": 0.0, "accumulate": False, "update_every": 1},
+    ),
+    ("tent", "tent, optimizer='sgd'", {"optimizer": "sgd"}),
+]
 
 
 @dataclass
@@ -192,13 +201,21 @@ def _throughput(
 def _state_sizes(bm: BenchModel, strategies: list[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     x = bm.frames(40, seed=3)
-    for name in strategies:
-        row: dict[str, Any] = {"model": bm.name, "strategy": name}
+    plain: list[tuple[str, str, dict[str, Any]]] = [(n, n, {}) for n in strategies]
+    extra = [v for v in STATE_VARIANTS if v[0] in strategies]
+    for name, label, overrides in plain + extra:
+        row: dict[str, Any] = {"model": bm.name, "strategy": label}
         try:
-            fresh = Personalizer(bm.module, name, source=bm.source(), **bm.personalizer_kwargs)
+            fresh = Personalizer(
+                bm.module, name, source=bm.source(), **bm.personalizer_kwargs, **overrides
+            )
             fresh.predict(x[:1], "s")
             full = Personalizer(
-                bm.module, name, source=bm.source(), gates=(), **bm.personalizer_kwargs
+                bm.module,
+                name,
+                source=bm.source(),
+                **bm.personalizer_kwargs,
+                **{**overrides, "gates": ()},
             )
             for chunk in x.split(8):  # two update_every=16 steps + 8 pending frames
                 full.predict(chunk, "s")
@@ -245,8 +262,8 @@ def _switching(bm: BenchModel, strategies: list[str], opts: BenchOptions) -> lis
         stats = interleaved_ratios(
             same,
             {"alternate": alternate},
-            min_rounds=max(opts.min_rounds, 5),
-            max_rounds=max(opts.max_rounds, 5),
+            min_rounds=max(opts.min_rounds, 9),
+            max_rounds=max(opts.max_rounds, 9),
             budget_s=opts.budget_s,
         )["alternate"]
         extra = [(c - b) / calls for b, c in zip(stats.baseline_s, stats.candidate_s, strict=True)]
@@ -254,9 +271,31 @@ def _switching(bm: BenchModel, strategies: list[str], opts: BenchOptions) -> lis
             switch_ms=1e3 * median(extra),
             call_ms=1e3 * median(stats.baseline_s) / calls,
             rounds=len(extra),
+            swap_ms=_swap_ms(p, ("a", "b")),
         )
         rows.append(row)
     return rows
+
+
+def _swap_ms(p: Personalizer, subjects: tuple[str, str], repeats: int = 2000) -> float:
+    """Time of what a subject switch does besides the forward itself: look the subject's
+    state up and put its tensors into the shared model's slots (then restore them)."""
+    runtime = getattr(p, "_runtime", None)
+    states = getattr(p, "_states", None)
+    slots = getattr(runtime, "_slots", None)
+    if not isinstance(states, dict) or not isinstance(slots, dict):
+        return math.nan
+    start = time.perf_counter()
+    for i in range(repeats):
+        tensors = states[subjects[i % 2]].model_tensors()
+        swapped = []
+        for name, tensor in tensors.items():
+            table, key = slots[name]
+            swapped.append((table, key, table[key]))
+            table[key] = tensor
+        for table, key, original in reversed(swapped):
+            table[key] = original
+    return 1e3 * (time.perf_counter() - start) / repeats
 
 
 def _interleaved(
@@ -310,11 +349,13 @@ def _interleaved(
 
 def _memory(opts: BenchOptions, log: Callable[[str], None]) -> list[dict[str, Any]]:
     rows = []
-    for name in opts.memory_strategies:
+    plain: list[tuple[str, str, dict[str, Any]]] = [(n, n, {}) for n in opts.memory_strategies]
+    extra = [v for v in STATE_VARIANTS[:1] if v[0] in opts.memory_strategies]
+    for name, label, overrides in plain + extra:
         start = time.perf_counter()
-        result = measure_in_subprocess(opts.memory_model, name, opts.memory_counts)
-        log(f"  {name}: {time.perf_counter() - start:.0f} s")
-        rows.append({"model": opts.memory_model, "strategy": name, **result})
+        result = measure_in_subprocess(opts.memory_model, name, opts.memory_counts, overrides)
+        log(f"  {label}: {time.perf_counter() - start:.0f} s")
+        rows.append({**result, "model": opts.memory_model, "strategy": label})
     return rows
 
 
