@@ -270,7 +270,7 @@ def test_t3a_is_gradient_free_and_bounded(personalizer_factory: PersonalizerFact
 def test_t3a_fresh_subject_uses_head_rows(personalizer_factory: PersonalizerFactory) -> None:
     """Before any support is added, the supports are the head's rows, labelled (as in the
     reference) by the head's own argmax on them; logits are z @ prototypes, bias dropped."""
-    p = personalizer_factory("t3a", filter_k=0)
+    p = personalizer_factory("t3a", filter_k=0, include_current=False)
     x = target_frames(3, seed=4)
     logits = p.predict(x, "A").logits
     net = p.model
@@ -284,6 +284,22 @@ def test_t3a_fresh_subject_uses_head_rows(personalizer_factory: PersonalizerFact
     supports = p.state_dict("A")["memory/t3a.supports"]
     assert torch.equal(supports[:4], w.detach())  # filter_k=0: the rows, then the 3 frames
     assert supports.shape[0] == 4 + 3
+
+
+def test_t3a_include_current_classifies_with_own_frames(
+    personalizer_factory: PersonalizerFactory,
+) -> None:
+    """Reference behaviour: a call's frames are among the supports that classify them."""
+    p = personalizer_factory("t3a", filter_k=0)
+    x = target_frames(3, seed=4)
+    logits = p.predict(x, "A").logits
+    net = p.model
+    with torch.no_grad():
+        _, z = net(x, return_features=True)
+        w, b = net.linear_head()
+        supports = torch.cat([w, z])
+        labels = torch.cat([w @ w.T + b, z @ w.T + b]).argmax(dim=1)
+    assert torch.allclose(logits, z @ t3a_prototypes(supports, labels, len(LABELS)), atol=1e-6)
 
 
 # ------------------------------------------------------------------ shot / eata

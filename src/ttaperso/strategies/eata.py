@@ -112,7 +112,8 @@ class EATAStrategy(TentStrategy):
         """Per-frame empirical Fisher of the BN affine parameters on source frames."""
         totals = {n: torch.zeros_like(p) for n, p in self.anchor.items()}
         n = 0
-        for chunk in frames.split(64):
+        # One frame per forward: a backward pass through a batch graph costs the whole batch.
+        for chunk in frames.split(1):
             out = self.runtime.forward(
                 {k: self.runtime.parameters[k] for k in self.param_names},
                 chunk,

@@ -185,9 +185,15 @@ class FisherStrategy(NormStrategy):
         """Estimate the Fisher diagonal on ``frames`` and store the top-``budget`` scalars."""
         tensors = dict(state.buffers)
         tensors.update({n: self.runtime.parameters[n] for n in self.candidates})
-        out = self.runtime.forward(tensors, frames, trainable=self.candidates, bn_prior=math.inf)
-        leaves = [out.leaves[n] for n in self.candidates]
-        fisher = expected_fisher_diagonal(out.logits.log_softmax(dim=1), leaves)
+        fisher = [torch.zeros_like(self.runtime.parameters[n]) for n in self.candidates]
+        # One frame per forward: a backward pass through a batch graph costs the whole batch.
+        for frame in frames.split(1):
+            out = self.runtime.forward(tensors, frame, trainable=self.candidates, bn_prior=math.inf)
+            leaves = [out.leaves[n] for n in self.candidates]
+            for acc, f in zip(
+                fisher, expected_fisher_diagonal(out.logits.log_softmax(dim=1), leaves), strict=True
+            ):
+                acc.add_(f)
         index = top_k_indices(fisher, self.budget)
         values = torch.zeros(self.budget, dtype=self.runtime.dtype)
         for pos, local, where in split_flat_indices(index, self.sizes):
@@ -211,20 +217,37 @@ class FisherStrategy(NormStrategy):
         if not bool(admitted.any()):
             return torch.zeros_like(admitted)
         index = admitted.nonzero().squeeze(1).to(out.logits.device)
-        logits = out.logits.index_select(0, index)
-        probs = logits.softmax(dim=1)
-        last = state.memory["fisher.last_probs"].to(probs.device)
-        state.memory["fisher.last_probs"] = probs[-1:].detach().cpu().clone()
+        last = state.memory["fisher.last_probs"].to(out.logits.device)
         if not self.is_selected(state):
-            self._buffer_for_fisher(state, frames.index_select(0, index.to(frames.device)))
-            return admitted.clone()
+            chosen = frames.index_select(0, index.to(frames.device))
+            self._buffer_for_fisher(state, chosen)
+            if not self.is_selected(state):
+                probs = out.logits.index_select(0, index).detach().softmax(dim=1)
+                state.memory["fisher.last_probs"] = probs[-1:].cpu().clone()
+                return admitted.clone()
+            # The selection was just made from this call's frames: adapt on them now (one
+            # more forward, once per subject) rather than only from the next call on.
+            out = self.forward(state, chosen)
+            logits = out.logits
+        else:
+            logits = out.logits.index_select(0, index)
+        if not self._gradient_update(state, logits, out.leaves, last):
+            return torch.zeros_like(admitted)  # a non-finite gradient never reaches the state
+        return admitted.clone()
+
+    def _gradient_update(
+        self, state: SubjectState, logits: Tensor, leaves: dict[str, Tensor], last: Tensor
+    ) -> bool:
+        """Entropy + temporal consistency on the selected scalars; False if non-finite."""
+        probs = logits.softmax(dim=1)
+        state.memory["fisher.last_probs"] = probs[-1:].detach().cpu().clone()
         loss = softmax_entropy(logits).sum()
         if self.config.consistency > 0:
             previous = torch.cat([last, probs[:-1].detach()])
             current = probs[probs.shape[0] - previous.shape[0] :]
             loss = loss + self.config.consistency * ((current - previous) ** 2).sum()
-        names = list(out.leaves)
-        grads = torch.autograd.grad(loss, [out.leaves[n] for n in names], allow_unused=True)
+        names = list(leaves)
+        grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
         flat_grad = torch.zeros(self.budget, dtype=self.runtime.dtype)
         by_name = dict(zip(names, grads, strict=True))
         for pos, local, where in split_flat_indices(state.memory["fisher.index"], self.sizes):
@@ -232,9 +255,9 @@ class FisherStrategy(NormStrategy):
             if grad is not None:
                 flat_grad[where] = grad.detach().reshape(-1)[local.to(grad.device)].cpu()
         if not bool(torch.isfinite(flat_grad).all()):
-            return torch.zeros_like(admitted)  # a non-finite gradient never reaches the state
-        self._accumulate_and_step(state, flat_grad, float(index.numel()))
-        return admitted.clone()
+            return False
+        self._accumulate_and_step(state, flat_grad, float(logits.shape[0]))
+        return True
 
     def _buffer_for_fisher(self, state: SubjectState, new: Tensor) -> None:
         pending = state.memory["fisher.pending"]
