@@ -140,3 +140,14 @@ def test_cli_library_error_is_one_line(
     assert main(["demo", "--quick"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "ttaperso: error: Unknown strategy 'x'; available: norm"
+
+
+def test_demo_uar_matches_the_metrics_module() -> None:
+    from ttaperso import demo, metrics
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 5, (200,), generator=gen)  # classes 5 and 6 absent
+    pred = torch.where(
+        torch.rand(200, generator=gen) < 0.6, target, torch.randint(0, 7, (200,), generator=gen)
+    )
+    assert demo._uar(pred, target, 7) == pytest.approx(metrics.uar(pred, target, 7))
