@@ -343,3 +343,18 @@ def test_feature_strategies_need_a_linear_head(model: nn.Module) -> None:
         with pytest.raises(ttaperso.ModelInterfaceError):
             ttaperso.Personalizer(model, strategy, labels=LABELS, input_shape=INPUT_SHAPE)
     ttaperso.Personalizer(model, "t3a", labels=LABELS, input_shape=INPUT_SHAPE, head=HEAD)
+
+
+def test_fisher_neutral_calibration_after_selection(
+    personalizer_factory: PersonalizerFactory,
+) -> None:
+    """Calibration runs with the rebuilt parameters and moves only the BN statistics."""
+    p = personalizer_factory("fisher", budget=32)
+    _feed(p, "A", calls=3)
+    before = p.state_dict("A")
+    p.calibrate("A", target_frames(4, seed=21))
+    after = p.state_dict("A")
+    assert torch.equal(before["params/fisher.values"], after["params/fisher.values"])
+    assert torch.equal(before["memory/fisher.index"], after["memory/fisher.index"])
+    moved = [k for k in before if k.startswith("buffers/") and not torch.equal(before[k], after[k])]
+    assert moved

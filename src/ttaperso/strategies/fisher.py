@@ -180,6 +180,24 @@ class FisherStrategy(NormStrategy):
             collect_moments=self.collects_moments(),
         )
 
+    def calibrate(self, state: SubjectState, frames: Tensor) -> None:
+        """Fold a neutral recording's BN statistics into the subject's estimate (as ``norm``).
+
+        The forward runs with the subject's rebuilt parameters: ``params/fisher.values`` is
+        not a tensor of the model and cannot be swapped in by name.
+        """
+        from ..calibration import calibrate_bn_statistics, refresh_guard_snapshot
+
+        tensors, _ = self._model_tensors(state)
+        view = SubjectState(
+            params={k: v for k, v in tensors.items() if k not in state.buffers},
+            buffers=state.buffers,  # the same tensors: the statistics are updated in place
+            optim=state.optim,
+            memory=state.memory,
+        )
+        calibrate_bn_statistics(self, view, frames)
+        refresh_guard_snapshot(state)
+
     # ------------------------------------------------------------- selection
     def select(self, state: SubjectState, frames: Tensor) -> None:
         """Estimate the Fisher diagonal on ``frames`` and store the top-``budget`` scalars."""
