@@ -289,7 +289,8 @@ class CollapseGuard:
         restored = "source"
         if self.recover == "snapshot":
             good = {k[len(_GOOD) :]: v for k, v in state.memory.items() if k.startswith(_GOOD)}
-            differs = any(not torch.equal(v, _model_tensors(fresh)[k]) for k, v in good.items())
+            source = _model_tensors(fresh)
+            differs = any(not torch.equal(v, source[k]) for k, v in good.items())
             if differs:
                 for key, value in good.items():
                     group, _, name = key.partition("/")
