@@ -117,7 +117,7 @@ def run_stream(
 def synthface_part(args: argparse.Namespace) -> dict[str, Any]:
     from ttaperso.synthface import AU_IDS, EXPRESSIONS, SynthFace
 
-    faces = SynthFace(seed=args.seed, size=32)
+    faces = SynthFace(seed=args.seed, size=args.size)
     sources = [
         faces.subject_stream(person, sessions=1)
         for person in faces.sample_subjects(args.sources, split="source")
@@ -130,7 +130,7 @@ def synthface_part(args: argparse.Namespace) -> dict[str, Any]:
         faces.subject_stream(person, sessions=2)
         for person in faces.sample_subjects(args.targets, split="target")
     ]
-    config = tiny_clip_config(image_size=32, width=args.width)
+    config = tiny_clip_config(image_size=args.size, width=args.width)
     config["vision_cfg"].update(patch_size=args.patch, layers=args.layers)
     clip = CLIPFER(None, labels=EXPRESSIONS, config=config, channels=1, seed=args.seed)
     torch.manual_seed(args.seed + 1)
@@ -141,7 +141,13 @@ def synthface_part(args: argparse.Namespace) -> dict[str, Any]:
         model,
         sources,
         au_ids=AU_IDS,
-        config=TrainConfig(epochs=args.epochs, lr=args.lr, train_vision=True, seed=args.seed),
+        config=TrainConfig(
+            epochs=args.epochs,
+            lr=args.lr,
+            train_vision=True,
+            balanced=args.balanced,
+            seed=args.seed,
+        ),
     )
     train_s = time.perf_counter() - t0
     source_r = au_correlations(model, sources, AU_IDS)
@@ -190,6 +196,8 @@ def synthface_part(args: argparse.Namespace) -> dict[str, Any]:
         "au_correlation_trained_heldout_source": heldout_r,
         "heldout": args.heldout,
         "vision": {"patch": args.patch, "width": args.width, "layers": args.layers},
+        "size": args.size,
+        "balanced": args.balanced,
         "parameters": sum(t.numel() for t in model.parameters()),
         "au_correlation_trained_target": target_r,
         "chunk": args.chunk,
@@ -225,8 +233,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"## SynthFace ({sf['sources']} source subjects / {sf['frames_source']} frames for "
             f"training, {sf['targets']} target subjects / {sf['frames_target']} frames)",
             "",
-            f"Small CLIP-AU ({sf['parameters']:,} parameters, 32x32 gray, vision "
-            f"{sf['vision']}) trained {sf['epochs']} epochs ({sf['train_seconds']:.0f} s); "
+            f"Small CLIP-AU ({sf['parameters']:,} parameters, {sf['size']}x{sf['size']} gray, "
+            f"vision {sf['vision']}, balanced CE {sf['balanced']}) trained {sf['epochs']} "
+            f"epochs ({sf['train_seconds']:.0f} s); "
             f"final frame accuracy on source clips {sf['train_history'][-1]['accuracy']:.3f}.",
             "",
             "AU activation vs true AU intensity, Pearson r over frames:",
@@ -270,7 +279,9 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=4, help="held-out source subjects")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--patch", type=int, default=4, help="vision patch size (32x32 input)")
+    parser.add_argument("--size", type=int, default=32, help="SynthFace frame and model input size")
+    parser.add_argument("--patch", type=int, default=4, help="vision patch size")
+    parser.add_argument("--balanced", action="store_true", help="class-balanced cross-entropy")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=8)

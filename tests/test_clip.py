@@ -327,6 +327,11 @@ def test_clip_dataset_respects_sequences_and_maps_au_columns() -> None:
     assert mask.sum() == 2 and mask[model.au_ids.index(12)] and mask[model.au_ids.index(15)]
     with pytest.raises(InputError, match="no extras"):
         ClipDataset(model, _toy_streams(model), au_ids=(12,), clip_length=8)
+    # balanced weights: every class contributes the same total weight, mean 1 per frame
+    labels = torch.cat([item[1] for item in data.items])
+    counts = torch.bincount(labels, minlength=len(LABELS)).float()
+    weights = data.class_weights()
+    assert torch.allclose(weights * counts, torch.full((len(LABELS),), len(labels) / len(LABELS)))
 
 
 def test_training_lowers_the_loss_and_weights_round_trip(tmp_path: Path) -> None:
@@ -337,7 +342,13 @@ def test_training_lowers_the_loss_and_weights_round_trip(tmp_path: Path) -> None
         streams,
         au_ids=(12, 15, 99),
         config=TrainConfig(
-            epochs=6, lr=3e-3, clip_length=8, stride=4, batch_clips=4, train_vision=True
+            epochs=6,
+            lr=3e-3,
+            clip_length=8,
+            stride=4,
+            batch_clips=4,
+            train_vision=True,
+            balanced=True,
         ),
         log=None,
     )

@@ -61,6 +61,8 @@ class TrainConfig:
         batch_clips: clips per optimizer step.
         au_weight: weight of the AU-intensity loss (0 = expression labels only).
         train_vision: also train CLIP's image tower (not only AU offsets and temporal head).
+        balanced: weight the cross-entropy by inverse class frequency of the training frames
+            (expression videos are mostly neutral frames).
         seed: seed of the clip order.
     """
 
@@ -72,6 +74,7 @@ class TrainConfig:
     batch_clips: int = 8
     au_weight: float = 1.0
     train_vision: bool = False
+    balanced: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -117,6 +120,7 @@ class ClipDataset(torch.utils.data.Dataset):
                 columns.append((col, model_aus[au]))
                 self.au_mask[model_aus[au]] = True
         self.items: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.labels = tuple(model.labels)
         for stream in streams:
             if tuple(stream.label_names) != tuple(model.labels):
                 raise InputError(
@@ -143,6 +147,14 @@ class ClipDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def class_weights(self) -> Tensor:
+        """Inverse-frequency class weights over the clips' labelled frames (mean 1 over frames)."""
+        num_classes = len(self.labels)
+        labels = torch.cat([item[1] for item in self.items])
+        counts = torch.bincount(labels[labels >= 0], minlength=num_classes).float()
+        weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), 0.0)
+        return weights
+
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         frames, labels, au = self.items[index]
         return frames, labels, au, self.au_mask
@@ -163,26 +175,37 @@ def clip_au_loss(
     model: CLIPAUModel,
     batch: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]],
     au_weight: float,
+    class_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Mean frame cross-entropy (+ ``au_weight`` x AU BCE) over a list of clips."""
-    ce_terms, au_terms, correct, labelled = [], [], 0, 0
+    """Mean frame cross-entropy (+ ``au_weight`` x AU BCE) over a list of clips.
+
+    ``class_weights``: per-class cross-entropy weights (the CE is then their weighted mean).
+    """
+    ce_terms, au_terms, correct, labelled, frames_seen = [], [], 0, 0.0, 0
     for frames, labels, au, mask in batch:
         z = model.features(frames)
         logits = model.sequence_logits(z)
         known = labels >= 0
         if bool(known.any()):
-            ce_terms.append(F.cross_entropy(logits[known], labels[known], reduction="sum"))
+            ce_terms.append(
+                F.cross_entropy(logits[known], labels[known], weight=class_weights, reduction="sum")
+            )
             correct += int((logits[known].argmax(1) == labels[known]).sum())
-            labelled += int(known.sum())
+            frames_seen += int(known.sum())
+            labelled += (
+                int(known.sum())
+                if class_weights is None
+                else float(class_weights[labels[known]].sum())
+            )
         if au_weight > 0 and bool(mask.any()):
             acts = model.au_activations(z)[:, mask]
             au_terms.append(F.binary_cross_entropy_with_logits(acts, au[:, mask]))
     loss = torch.zeros(())
     if ce_terms:
-        loss = loss + torch.stack(ce_terms).sum() / max(labelled, 1)
+        loss = loss + torch.stack(ce_terms).sum() / max(labelled, 1e-12)
     if au_terms:
         loss = loss + au_weight * torch.stack(au_terms).mean()
-    return loss, {"loss": float(loss.detach()), "accuracy": correct / max(labelled, 1)}
+    return loss, {"loss": float(loss.detach()), "accuracy": correct / max(frames_seen, 1)}
 
 
 def _trainable(model: CLIPAUModel, train_vision: bool) -> list[torch.nn.Parameter]:
@@ -210,6 +233,7 @@ def train_clip_au(
     data = ClipDataset(
         model, streams, au_ids=au_ids, clip_length=config.clip_length, stride=config.stride
     )
+    class_weights = data.class_weights() if config.balanced else None
     params = _trainable(model, config.train_vision)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
@@ -223,7 +247,7 @@ def train_clip_au(
             start = time.perf_counter()
             for i in range(0, len(order), config.batch_clips):
                 batch = [data[j] for j in order[i : i + config.batch_clips]]
-                loss, parts = clip_au_loss(model, batch, config.au_weight)
+                loss, parts = clip_au_loss(model, batch, config.au_weight, class_weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
