@@ -268,12 +268,15 @@ def train_clip_au(
     return history
 
 
-def make_lightning_module(model: CLIPAUModel, config: TrainConfig = TrainConfig()) -> Any:
+def make_lightning_module(
+    model: CLIPAUModel, config: TrainConfig = TrainConfig(), class_weights: Tensor | None = None
+) -> Any:
     """A ``pytorch_lightning.LightningModule`` with the same loss and optimizer as
     :func:`train_clip_au` (Lightning is imported only when this is called).
 
-    Use with a :class:`ClipDataset` in a DataLoader whose ``collate_fn`` is ``list`` (clips
-    differ in length)::
+    ``class_weights``: e.g. ``ClipDataset.class_weights()`` for a class-balanced loss. Use with
+    a :class:`ClipDataset` in a DataLoader whose ``collate_fn`` is ``list`` (clips differ in
+    length)::
 
         module = make_lightning_module(model, TrainConfig(epochs=5))
         loader = DataLoader(ClipDataset(model, streams, au_ids=AU_IDS), batch_size=8,
@@ -297,7 +300,7 @@ def make_lightning_module(model: CLIPAUModel, config: TrainConfig = TrainConfig(
             self.model.requires_grad_(False)
 
         def training_step(self, batch: list, batch_idx: int) -> Tensor:  # type: ignore[override]
-            loss, parts = clip_au_loss(self.model, batch, config.au_weight)
+            loss, parts = clip_au_loss(self.model, batch, config.au_weight, class_weights)
             self.log("train_loss", parts["loss"], batch_size=len(batch))
             self.log("train_accuracy", parts["accuracy"], batch_size=len(batch))
             return loss
@@ -348,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clip-length", type=int, default=16)
     parser.add_argument("--au-weight", type=float, default=1.0)
     parser.add_argument("--train-vision", action="store_true", help="also train the image tower")
+    parser.add_argument("--balanced", action="store_true", help="class-balanced cross-entropy")
     parser.add_argument("--lightning", action="store_true", help="train with Lightning")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output .safetensors")
@@ -368,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stride=max(1, args.clip_length // 2),
         au_weight=args.au_weight,
         train_vision=args.train_vision,
+        balanced=args.balanced,
         seed=args.seed,
     )
     if args.lightning:
@@ -380,7 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = pl.Trainer(
             max_epochs=config.epochs, accelerator="cpu", logger=False, enable_checkpointing=False
         )
-        trainer.fit(make_lightning_module(model, config), loader)
+        weights = data.class_weights() if config.balanced else None
+        trainer.fit(make_lightning_module(model, config, weights), loader)
         model.eval()
         model.requires_grad_(False)
     else:
