@@ -418,12 +418,13 @@ def format_table(results: dict[str, Any]) -> str:
         ("frames that updated", results["updated_fraction"], ".2f"),
     ]
     first = max(len(name) for name, _, _ in rows + summary)
-    width = max(7, *(len(m) for m in methods)) + 1
-    header = f"{'subject':<{first}}" + "".join(f"{m:>{width}}" for m in methods)
+    width = {m: max(6, len(m)) + 2 for m in methods}
+    header = f"{'subject':<{first}}" + "".join(f"{m:>{width[m]}}" for m in methods)
     rule = "-" * len(header)
 
     def line(name: str, values: dict[str, float], fmt: str) -> str:
-        return f"{name:<{first}}" + "".join(format(values[m], fmt).rjust(width) for m in methods)
+        cells = "".join(format(values[m], fmt).rjust(width[m]) for m in methods)
+        return f"{name:<{first}}{cells}"
 
     lines = [header, rule, *(line(*r) for r in rows), rule, *(line(*r) for r in summary)]
     for name, reason in results.get("unavailable", {}).items():
