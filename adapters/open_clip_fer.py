@@ -172,7 +172,7 @@ def encode_prompt_embeddings(clip: nn.Module, embeddings: Tensor, tokens: Tensor
 
     With CLIP's causal attention mask and end-of-text pooling, positions after the last
     end-of-text token cannot influence the pooled feature, so the sequence is cut there
-    (same result, e.g. 16 instead of 77 positions for short AU prompts: the text encoder
+    (same result, e.g. 17 instead of 77 positions for the AU prompts: the text encoder
     over all AU prompts is the cost of a ``clip_autt`` step).
     """
     from open_clip.transformer import text_global_pool
