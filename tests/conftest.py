@@ -42,11 +42,6 @@ ADAPT_OVERRIDES: dict[str, dict[str, Any]] = {
     "eata": {"gates": (), "update_every": 4, "lr": 1e-2, "margin": 1.0, "redundancy": 1.0},
     "t3a": {"gates": (), "filter_k": 3},
     "shot": {"gates": (), "update_every": 4, "lr": 1e-2},
-    "fisher": {"gates": (), "update_every": 4, "lr": 1e-2, "fisher_frames": 2},
-    # margin 1 and redundancy 1: every frame passes EATA's filters on the near-uniform model
-    "eata": {"gates": (), "update_every": 4, "lr": 1e-2, "margin": 1.0, "redundancy": 1.0},
-    "t3a": {"gates": (), "filter_k": 3},
-    "shot": {"gates": (), "update_every": 4, "lr": 1e-2},
     # near-uniform tiny model (entropy ~0.98-0.997 ln C): bands that split it into both caches
     "tta_cap": {
         "gates": (),

@@ -11,17 +11,13 @@ from typing import Any
 from ..config import StrategyConfig
 from ..errors import ConfigError
 from .base import StepResult, Strategy
-from .eata import EATAConfig, EATAStrategy
-from .fisher import FisherConfig, FisherStrategy
 from .clip_autt import ClipAuttConfig, ClipAuttStrategy
 from .eata import EATAConfig, EATAStrategy
 from .fisher import FisherConfig, FisherStrategy
 from .norm import NormConfig, NormStrategy
 from .sar import SARConfig, SARStrategy
 from .shot import SHOTConfig, SHOTStrategy
-from .shot import SHOTConfig, SHOTStrategy
 from .source import SourceConfig, SourceStrategy
-from .t3a import T3AConfig, T3AStrategy
 from .t3a import T3AConfig, T3AStrategy
 from .tent import TentConfig, TentStrategy
 from .tta_cap import TTACaPConfig, TTACaPStrategy
@@ -37,10 +33,6 @@ __all__ = [
     "NormConfig",
     "TentConfig",
     "SARConfig",
-    "FisherConfig",
-    "EATAConfig",
-    "T3AConfig",
-    "SHOTConfig",
     "ClipAuttConfig",
     "FisherConfig",
     "EATAConfig",
@@ -103,5 +95,3 @@ register_strategy(TTACaPStrategy)
 for _cls in (FisherStrategy, EATAStrategy, T3AStrategy, SHOTStrategy):
     register_strategy(_cls)
 register_strategy(ClipAuttStrategy)
-for _cls in (FisherStrategy, EATAStrategy, T3AStrategy, SHOTStrategy):
-    register_strategy(_cls)
