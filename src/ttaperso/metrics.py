@@ -32,13 +32,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import (
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-    multiclass_recall,
-)
 
 from .errors import InputError
+
+# torchmetrics is imported inside the functions: importing it pulls in torchvision and
+# torch._dynamo (seconds), which every `ttaperso` command would pay otherwise.
 
 __all__ = [
     "HARM_THRESHOLD",
@@ -98,6 +96,8 @@ def uar(preds: Tensor, targets: Tensor, num_classes: int) -> float:
     preds, targets = _labelled(preds, targets, num_classes)
     if targets.numel() == 0:
         return float("nan")
+    from torchmetrics.functional.classification import multiclass_recall
+
     recall = multiclass_recall(preds, targets, num_classes, average="none", zero_division=0)
     present = torch.bincount(targets, minlength=num_classes) > 0
     return float(recall[present].mean())
@@ -108,6 +108,8 @@ def macro_f1(preds: Tensor, targets: Tensor, num_classes: int) -> float:
     preds, targets = _labelled(preds, targets, num_classes)
     if targets.numel() == 0:
         return float("nan")
+    from torchmetrics.functional.classification import multiclass_f1_score
+
     return float(multiclass_f1_score(preds, targets, num_classes, average="macro"))
 
 
@@ -116,6 +118,8 @@ def confusion_matrix(preds: Tensor, targets: Tensor, num_classes: int) -> Tensor
     preds, targets = _labelled(preds, targets, num_classes)
     if targets.numel() == 0:
         return torch.zeros(num_classes, num_classes, dtype=torch.long)
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
     return multiclass_confusion_matrix(preds, targets, num_classes).long()
 
 

@@ -271,7 +271,7 @@ def _markdown(results: dict[str, Any], plots: dict[int, list[str]], command: str
         "accuracy; `ttaperso.metrics`). Change = per-subject accuracy minus the frozen model's "
         "(same stream order); harmed = share of subjects losing more than 2 points. "
         "Admission = share of frames that updated the state (`Prediction.updated`). "
-        "Speed = frames/s inside `predict` relative to the frozen model in the same run.",
+        "Speed = frames/s inside `run_protocol` relative to the frozen model in the same run.",
         "",
         "## Hyperparameter selection",
         "",
