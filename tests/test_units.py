@@ -715,3 +715,23 @@ def test_source_data_validation(model: nn.Module) -> None:
         ttaperso.Personalizer(
             model, "norm", labels=("a", "b", "c", "d"), input_shape=(1, 16, 16), source=frames
         )
+
+
+def test_gradient_strategies_work_under_callers_no_grad(
+    personalizer_factory: Any,
+) -> None:
+    """A caller's ``torch.no_grad()`` gives the same predictions and states as without it."""
+    from conftest import target_frames
+
+    for strategy in ("tent", "sar", "eata", "shot", "fisher"):
+        plain = personalizer_factory(strategy)
+        guarded = personalizer_factory(strategy)
+        for i in range(3):
+            x = target_frames(4, seed=i)
+            a = plain.predict(x, subject="s")
+            with torch.no_grad():
+                b = guarded.predict(x, subject="s")
+            assert torch.equal(a.logits, b.logits)
+        sa, sb = plain.state_dict("s"), guarded.state_dict("s")
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), strategy

@@ -105,8 +105,7 @@ class Strategy:
         statistics for ``norm``/``tent``/``sar``). Must raise before changing ``state``.
         """
         raise ConfigError(
-            f"Strategy {self.config.strategy_name!r} does not support neutral-baseline "
-            "calibration"
+            f"Strategy {self.config.strategy_name!r} does not support neutral-baseline calibration"
         )
 
     # ------------------------------------------------------------ machinery
@@ -164,7 +163,10 @@ class Strategy:
         detached = logits.detach()
         labels = detached.argmax(dim=1).cpu()
         admitted = self.apply_gates(state, detached, labels)
-        updated = self.adapt(state, frames, out, admitted).to(torch.bool).cpu()
+        # A caller's torch.no_grad() must not break gradient strategies: `adapt` builds its
+        # losses (and SAR its extra forwards) in the same grad mode as a plain call would.
+        with torch.enable_grad():
+            updated = self.adapt(state, frames, out, admitted).to(torch.bool).cpu()
         self.last_guard_event = (
             None
             if self.config.guard is None
