@@ -368,6 +368,18 @@ def test_run_protocol_outputs_and_isolation(streams: list[SubjectStream]) -> Non
     assert torch.equal(first["b"]["logits"], again["b"]["logits"])
 
 
+def test_run_protocol_times_the_frozen_model_on_the_same_batches(
+    streams: list[SubjectStream],
+) -> None:
+    plain = run_protocol(_personalizer(), streams, "natural", batch_size=2)
+    timed = run_protocol(_personalizer(), streams, "natural", batch_size=2, time_frozen=True)
+    for subject in ("a", "b"):
+        assert "seconds_frozen" not in plain[subject]
+        assert plain[subject]["seconds_predict"] > 0 and timed[subject]["seconds_frozen"] > 0
+        # the frozen passes run beside predict but change nothing it returns
+        assert torch.equal(plain[subject]["logits"], timed[subject]["logits"])
+
+
 def test_run_protocol_refuses_foreign_labels(streams: list[SubjectStream]) -> None:
     foreign = SubjectStream(
         "c", streams[1].images, torch.tensor([0] * 6), ("contempt",), ("",) * 6,

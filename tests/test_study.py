@@ -194,6 +194,13 @@ def test_report_files_and_figures(tmp_path: Path) -> None:
             ]
             accs.append(sum(p == t for p, t in pairs) / len(pairs))
     assert rows["norm"]["accuracy"] == pytest.approx(sum(accs) / len(accs))
+    # the cost ratio comes from each cell's own frozen timing, not from another cell
+    speeds = [
+        r["seconds_frozen"] / r["seconds_in_protocol"]
+        for c, r in run.cells
+        if c.phase == "eval" and c.strategy == "norm"
+    ]
+    assert rows["norm"]["speed_vs_frozen"] == pytest.approx(sum(speeds) / len(speeds))
     for name in ("per_subject", "stream", "confusion"):
         png = tmp_path / "out" / f"{name}_tiny_evalset_natural.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

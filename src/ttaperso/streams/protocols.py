@@ -28,6 +28,7 @@ Frames are batched in chunks of ``batch_size`` that never span two sessions in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -203,6 +204,7 @@ def run_protocol(
     *,
     batch_size: int = 16,
     seed: int = 0,
+    time_frozen: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Feed ``streams`` to ``personalizer`` as ``protocol`` says; collect every prediction.
 
@@ -215,18 +217,32 @@ def run_protocol(
         ``labels`` ``(T,)`` predicted class, ``targets`` ``(T,)`` true class in the model's
         label order (-1: unlabelled), ``updated`` ``(T,)`` bool, ``index`` ``(T,)`` frame
         index in the stream, ``sequences`` (per-frame session ids), ``keys`` (the state key
-        each frame was predicted under), and ``class_names``.
+        each frame was predicted under), ``class_names``, and ``seconds_predict`` (time
+        inside ``predict`` for this subject's frames). With ``time_frozen``, every batch is
+        also run through the frozen model (``predict_frozen``) right after its ``predict``
+        call and ``seconds_frozen`` holds that time: a cost ratio measured on the same
+        frames, interleaved, so it does not depend on what else the machine was doing
+        before or after (ratios between separate runs do).
     """
     model = personalizer.model  # the FERModel copy: it knows its own preprocessing
     mapped = [stream.relabel(personalizer.labels) for stream in streams]
     schedule = make_schedule(mapped, protocol, batch_size=batch_size, seed=seed)
     parts: dict[int, list[tuple[Step, Any]]] = {s: [] for s in range(len(mapped))}
+    seconds_predict = [0.0] * len(mapped)
+    seconds_frozen = [0.0] * len(mapped)
     with torch.no_grad():
         prepared = [model.prepare(stream.images) for stream in mapped]  # type: ignore[operator]
     for step in schedule:
         if step.reset and step.key in personalizer.subjects:
             personalizer.reset(step.key)
-        out = personalizer.predict(prepared[step.stream].index_select(0, step.index), step.key)
+        batch = prepared[step.stream].index_select(0, step.index)
+        start = time.perf_counter()
+        out = personalizer.predict(batch, step.key)
+        seconds_predict[step.stream] += time.perf_counter() - start
+        if time_frozen:
+            start = time.perf_counter()
+            personalizer.predict_frozen(batch)
+            seconds_frozen[step.stream] += time.perf_counter() - start
         parts[step.stream].append((step, out))
     results: dict[str, dict[str, Any]] = {}
     for s, stream in enumerate(mapped):
@@ -241,5 +257,8 @@ def run_protocol(
             "sequences": [stream.sequences[i] for i in index.tolist()],
             "keys": [step.key for step, _ in steps for _ in range(len(step.index))],
             "class_names": tuple(personalizer.labels),
+            "seconds_predict": seconds_predict[s],
         }
+        if time_frozen:
+            results[stream.subject]["seconds_frozen"] = seconds_frozen[s]
     return results

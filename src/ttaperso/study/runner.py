@@ -45,8 +45,9 @@ __all__ = ["CACHE_VERSION", "Cell", "StudyRun", "run_study", "feed_streams"]
 
 log = logging.getLogger("ttaperso.study")
 
-#: bump when the meaning of a cached cell result changes (invalidates every cache)
-CACHE_VERSION = 1
+#: bump when the meaning of a cached cell result changes (invalidates every cache).
+#: 2: cells time the frozen model on the same batches (``seconds_frozen``).
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -97,16 +98,21 @@ def feed_streams(
     (``shuffled`` is the FACTS.md section 4 protocol: each subject's frames in the order
     ``numpy.random.default_rng(seed).permutation(T)``). Returns per subject the
     predictions, targets and admission flags in the order fed, per-video predictions, and
-    the subject's mean state bytes; the cell's time inside the protocol is under the key
-    ``""`` (``{"seconds": ..., "frames": ...}``).
+    the subject's mean state bytes. ``seconds_in_protocol`` is the time inside
+    ``predict``; ``seconds_frozen`` the time of the frozen model on the same batches, each
+    run right after its ``predict`` call (their ratio is the cell's cost, measured
+    interleaved so that cells run at different times or loads stay comparable).
     """
     from ..streams.protocols import run_protocol
 
-    start = time.perf_counter()
     fed = run_protocol(
-        personalizer, streams, protocol.order, batch_size=protocol.batch_size, seed=seed
+        personalizer,
+        streams,
+        protocol.order,
+        batch_size=protocol.batch_size,
+        seed=seed,
+        time_frozen=True,
     )
-    seconds = time.perf_counter() - start
     out: dict[str, dict[str, Any]] = {}
     keys = personalizer.subjects
     for subject, result in fed.items():
@@ -126,7 +132,12 @@ def feed_streams(
             else 0.0,
         }
     frames = sum(len(r["preds"]) for r in out.values())
-    return {"subjects": out, "seconds_in_protocol": seconds, "frames": frames}
+    return {
+        "subjects": out,
+        "seconds_in_protocol": sum(r["seconds_predict"] for r in fed.values()),
+        "seconds_frozen": sum(r["seconds_frozen"] for r in fed.values()),
+        "frames": frames,
+    }
 
 
 class _Resources:
