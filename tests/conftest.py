@@ -216,9 +216,7 @@ def other_model(request: pytest.FixtureRequest) -> nn.Module:
 
 
 @pytest.fixture
-def personalizer_factory(
-    model: nn.Module, request: pytest.FixtureRequest
-) -> PersonalizerFactory:
+def personalizer_factory(model: nn.Module, request: pytest.FixtureRequest) -> PersonalizerFactory:
     """``factory(strategy, *, adapt=True, model=None, **overrides)`` -> Personalizer.
 
     Every Personalizer gets the head name and a labelled source sample (strategies that

@@ -57,11 +57,20 @@ def test_switching_and_interleaving_rows(quick_result: dict) -> None:
     assert all(r["relative_throughput"] > 0 for r in quick_result["interleaved"])
 
 
+def test_several_subjects_per_call_rows(quick_result: dict) -> None:
+    rows = {r["strategy"]: r for r in quick_result["many_subjects"]}
+    assert rows["source"]["shares_model_forward"] and not rows["norm"]["shares_model_forward"]
+    for row in rows.values():
+        if "na" not in row:
+            assert row["many_speed"] > 0 and row["loop_speed"] > 0 and row["subjects"] == 4
+
+
 def test_reports_are_written(quick_result: dict, tmp_path) -> None:  # type: ignore[no-untyped-def]
     paths = write_results(quick_result, tmp_path, command="pytest")
     md = paths[0].read_text()
     data = json.loads(paths[1].read_text())
     assert "## Throughput relative to the frozen model" in md and "`pytest`" in md
+    assert "## Several subjects per call" in md
     assert data["command"] == "pytest" and data["throughput"]
     goals = evaluate_goals(quick_result)
     assert all({"goal", "measured", "met"} <= g.keys() for g in goals)

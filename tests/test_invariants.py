@@ -385,6 +385,66 @@ def test_determinism(personalizer_factory: PersonalizerFactory, strategy: str) -
         assert states_equal(p1.state_dict(s), p2.state_dict(s))
 
 
+# ------------------------------------------------------------------ several subjects per call
+def _close_prediction(a: ttaperso.Prediction, b: ttaperso.Prediction) -> None:
+    """Same decisions; logits equal up to the rounding of a differently batched forward."""
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.probs, b.probs, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.updated, b.updated)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_predict_many_equals_one_call_per_subject(
+    personalizer_factory: PersonalizerFactory, strategy: str
+) -> None:
+    """``predict_many({s: x})`` gives what ``predict(x, s)`` per subject, in order, gives."""
+    many = personalizer_factory(strategy)
+    one = personalizer_factory(strategy)
+    streams = {s: _stream(5, seed=40 + i, batch=1 + i % 2) for i, s in enumerate("ABC")}
+    for t in range(5):
+        batch = {s: streams[s][t] for s in ("C", "A", "B")}  # mapping order is call order
+        got = many.predict_many(batch)
+        assert list(got) == ["C", "A", "B"]
+        for s, x in batch.items():
+            _close_prediction(got[s], one.predict(x, s))
+    assert many.subjects == one.subjects
+    for s in one.subjects:
+        a, b = many.state_dict(s), one.state_dict(s)
+        assert a.keys() == b.keys()
+        for key in a:
+            if a[key].is_floating_point():
+                torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=key)
+            else:
+                assert torch.equal(a[key], b[key]), key
+    # The shared forward is only claimed where the model part owns no subject tensors.
+    strat = many._strategy
+    if strat.shares_model_forward:
+        assert not strat.initial_state().model_tensors()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_predict_many_bad_entry_changes_nothing(
+    personalizer_factory: PersonalizerFactory, strategy: str
+) -> None:
+    """One bad batch or id among good ones: a clear error naming it, and no subject changes."""
+    p = personalizer_factory(strategy)
+    _adapt(p, "A", _stream(4, seed=33), strategy)
+    before, subjects = all_states(p), p.subjects
+    good = target_frames(2, seed=34)
+    for bad, pattern in (
+        ({"A": good, "B": _nan_frames()}, r"subject 'B'.*NaN or Inf"),
+        ({"A": good, "B": torch.zeros(2, 3, 16, 16)}, r"subject 'B'.*1 channel"),
+        ({"A": good, "": good}, r"1 to 256 characters"),
+        ({}, r"at least one subject"),
+        ([("A", good)], r"mapping.*got list"),
+    ):
+        with pytest.raises(InputError, match=pattern):
+            p.predict_many(bad)  # type: ignore[arg-type]
+        assert p.subjects == subjects
+        after = all_states(p)
+        assert all(states_equal(before[s], after[s]) for s in subjects)
+
+
 # ------------------------------------------------------------------ bad input
 def _nan_frames() -> Tensor:
     x = target_frames(3, seed=30)

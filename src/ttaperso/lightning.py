@@ -216,9 +216,12 @@ class PersonalizeCallback(Callback):
         # a gradient strategy's loss must be built with grad enabled (a no-op otherwise;
         # inference mode was refused at the stage start).
         grad = not torch.is_inference_mode_enabled()
+        # One call for the batch's subjects: strategies whose model forward is the same for
+        # everyone run it once over the whole batch (predict_many).
+        with torch.set_grad_enabled(grad):
+            outs = p.predict_many({subject: frames[index] for subject, index in groups.items()})
         for subject, index in groups.items():
-            with torch.set_grad_enabled(grad):
-                out = p.predict(frames[index], subject=subject)
+            out = outs[subject]
             self.predictions[subject].append(out)
             logits[index] = out.logits.to(logits.dtype).cpu()
         return logits

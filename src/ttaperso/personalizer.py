@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from .audit import AuditLog
 from .config import StrategyConfig
 from .errors import InputError, StateFileError
 from .models import as_fer_model
-from .runtime import ModelRuntime
+from .runtime import ForwardOutput, ModelRuntime
 from .source_data import SourceData
 from .state import SubjectState
 from .store import (
@@ -29,7 +29,12 @@ from .store import (
     state_digest,
 )
 from .strategies import build_strategy, get_config_class, make_config
-from .validation import validate_frames, validate_subject
+from .validation import (
+    MAX_FRAMES_PER_CALL,
+    MAX_VALUES_PER_CALL,
+    validate_frames,
+    validate_subject,
+)
 
 __all__ = ["Personalizer", "Prediction"]
 
@@ -173,17 +178,102 @@ class Personalizer:
         input raises :class:`~ttaperso.errors.InputError` and changes no state.
         """
         subject = validate_subject(subject)
-        x = validate_frames(
+        x = self._validated(frames)
+        with self._lock:
+            return self._advance(subject, x, None)
+
+    def predict_many(self, frames: Mapping[str, Tensor]) -> dict[str, Prediction]:
+        """Predict and adapt several subjects in one call: ``{subject: frames}`` in, same keys out.
+
+        Equivalent to ``predict(frames[s], s)`` for each subject in the mapping's order
+        (same predictions and states, up to float rounding of a batched forward). Every
+        subject id and batch is validated before anything runs: one bad entry raises and
+        changes no subject. Strategies whose model forward is the same for every subject
+        (``source``, ``t3a``, ``tta_cap``: ``Strategy.shares_model_forward``) run the frozen
+        model once over all subjects' frames and only their per-subject head separately,
+        which is what makes many small calls (one frame per patient per tick) cheap; the
+        others step each subject in turn under one lock acquisition.
+        """
+        if not isinstance(frames, Mapping):
+            raise InputError(
+                "Expected argument `frames` to be a mapping {subject: frames} but got "
+                f"{type(frames).__name__}"
+            )
+        if not frames:
+            raise InputError("Expected argument `frames` to hold at least one subject")
+        batches: dict[str, Tensor] = {}
+        for subject, batch in frames.items():
+            key = validate_subject(subject)
+            if key in batches:
+                raise InputError(f"Subject id {subject!r} appears twice")
+            try:
+                batches[key] = self._validated(batch)
+            except InputError as exc:
+                raise InputError(f"subject {subject!r}: {exc}") from exc
+        with self._lock:
+            if not self._strategy.shares_model_forward:
+                return {key: self._advance(key, x, None) for key, x in batches.items()}
+            shared = self._shared_forward(batches)
+            return {key: self._advance(key, x, shared[key]) for key, x in batches.items()}
+
+    def _validated(self, frames: object) -> Tensor:
+        return validate_frames(
             frames, self._runtime.module, dtype=self._runtime.dtype, device=self._runtime.device
         )
-        with self._lock:
-            state = self._states.get(subject)
-            working = state if state is not None else self._strategy.initial_state()
+
+    def _shared_forward(self, batches: dict[str, Tensor]) -> dict[str, ForwardOutput]:
+        """One model forward over every subject's frames (in chunks the input limits allow)."""
+        outputs: dict[str, ForwardOutput] = {}
+        groups: list[list[str]] = [[]]
+        frames = values = 0
+        shape: tuple[int, ...] | None = None
+        for key, x in batches.items():
+            # A chunk holds frames of one shape (models with free H/W may get several)
+            # within the per-call limits that a single predict call enforces.
+            fits = (
+                frames + x.shape[0] <= MAX_FRAMES_PER_CALL
+                and values + x.numel() <= MAX_VALUES_PER_CALL
+                and (shape is None or tuple(x.shape[1:]) == shape)
+            )
+            if not fits:
+                groups.append([])
+                frames = values = 0
+            groups[-1].append(key)
+            frames, values, shape = frames + x.shape[0], values + x.numel(), tuple(x.shape[1:])
+        for group in groups:
+            out = self._strategy.shared_forward(torch.cat([batches[k] for k in group]))
+            checked = [out.logits.reshape(-1)]
+            if out.features is not None:
+                checked.append(out.features.reshape(-1))
+            if not bool(torch.isfinite(torch.cat(checked)).all()):
+                raise InputError(
+                    "The model produced non-finite logits or features for these frames "
+                    "(extreme input values?); no subject's state was changed"
+                )
+            start = 0
+            for key in group:
+                n = batches[key].shape[0]
+                outputs[key] = ForwardOutput(
+                    logits=out.logits[start : start + n],
+                    features=None if out.features is None else out.features[start : start + n],
+                    leaves={},
+                    moments=None,
+                )
+                start += n
+        return outputs
+
+    def _advance(self, subject: str, x: Tensor, shared: ForwardOutput | None) -> Prediction:
+        """Step one subject (caller holds the lock); ``shared``: its slice of a shared forward."""
+        state = self._states.get(subject)
+        working = state if state is not None else self._strategy.initial_state()
+        if shared is None:
             result = self._strategy.step(working, x)
-            self._record_step(subject, result.updated)
-            if self.config.episodic:
-                working = self._strategy.initial_state()
-            self._states[subject] = working
+        else:
+            result = self._strategy.step_from_shared(working, x, shared)
+        self._record_step(subject, result.updated)
+        if self.config.episodic:
+            working = self._strategy.initial_state()
+        self._states[subject] = working
         return Prediction(
             subject=subject,
             logits=result.logits,
@@ -196,10 +286,7 @@ class Personalizer:
     @torch.no_grad()
     def predict_frozen(self, frames: Tensor) -> Tensor:
         """Logits of the unadapted model (no subject, nothing stored)."""
-        x = validate_frames(
-            frames, self._runtime.module, dtype=self._runtime.dtype, device=self._runtime.device
-        )
-        return self._runtime.forward({}, x).logits
+        return self._runtime.forward({}, self._validated(frames)).logits
 
     def reset(self, subject: str | None = None) -> None:
         """Forget one subject's adaptation (or every subject's when ``subject`` is None)."""

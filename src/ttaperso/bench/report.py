@@ -227,6 +227,33 @@ def render_markdown(result: dict[str, Any], command: str) -> str:
         )
     lines += [
         "",
+        "## Several subjects per call",
+        "",
+        "One frame from each of N subjects per tick. Speed of `predict_many` (one call) and of "
+        "a loop of N `predict` calls, each relative to the frozen model on the same N frames "
+        "as one batch (interleaved; 1.0 = as fast as plain batched inference). `shared`: the "
+        "strategy runs the model once for all subjects (`Strategy.shares_model_forward`); "
+        "the others step each subject in turn.",
+        "",
+        "| model | strategy | subjects | shared | predict_many (min-max) | loop of predict "
+        "(min-max) | frozen ms/tick |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result.get("many_subjects", []):
+        if "na" in r:
+            lines.append(
+                f"| {r['model']} | {r['strategy']} | {r['subjects']} | n/a: {r['na']} ||||"
+            )
+            continue
+        lines.append(
+            f"| {r['model']} | {r['strategy']} | {r['subjects']} | "
+            f"{'yes' if r['shares_model_forward'] else 'no'} | "
+            f"{r['many_speed']:.2f} ({r['many_spread'][0]:.2f}-{r['many_spread'][1]:.2f}) | "
+            f"{r['loop_speed']:.2f} ({r['loop_spread'][0]:.2f}-{r['loop_spread'][1]:.2f}) | "
+            f"{r['frozen_ms_per_tick']:.1f} |"
+        )
+    lines += [
+        "",
         "## Resident memory",
         "",
         "Resident set size added by installing N fully adapted subject states, each in a "

@@ -67,6 +67,8 @@ class BenchOptions:
     switch_strategies: list[str] = field(default_factory=lambda: ["norm", "tent"])
     interleave_subjects: int = 1000
     interleave_block: int = 50
+    #: subjects sending one frame each per tick (``predict_many`` vs a loop of ``predict``)
+    many_subjects: int = 16
     threads: int = 1
     quick: bool = False
 
@@ -83,6 +85,7 @@ class BenchOptions:
             memory_counts=[10, 50],
             interleave_subjects=20,
             interleave_block=10,
+            many_subjects=4,
             quick=True,
         )
 
@@ -347,6 +350,61 @@ def _interleaved(
     return rows
 
 
+def _many_subjects(
+    bm: BenchModel, strategies: list[str], opts: BenchOptions, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """One frame each from S subjects per tick: ``predict_many`` vs S ``predict`` calls.
+
+    Both are timed against the frozen model on the same S frames as one batch, interleaved:
+    the cost of serving S patients at once, and what batching the shared part saves.
+    """
+    rows: list[dict[str, Any]] = []
+    n = opts.many_subjects
+    frames = bm.frames(n, seed=12)
+    ids = [f"subject-{i:03d}" for i in range(n)]
+    frozen = _frozen(bm.module)
+    for name in strategies:
+        row: dict[str, Any] = {"model": bm.name, "strategy": name, "subjects": n}
+        try:
+            p = _personalizer_variant(bm, name)()
+            shared = p._strategy.shares_model_forward
+            tick = {s: frames[i : i + 1] for i, s in enumerate(ids)}
+            p.predict_many(tick)  # creates the subjects (and warms up)
+        except Exception as exc:  # noqa: BLE001
+            rows.append({**row, "na": _reason(exc)})
+            continue
+
+        def loop(p: Personalizer = p, tick: dict[str, Tensor] = tick) -> None:
+            for s, x in tick.items():
+                p.predict(x, s)
+
+        def many(p: Personalizer = p, tick: dict[str, Tensor] = tick) -> None:
+            p.predict_many(tick)
+
+        stats = interleaved_ratios(
+            lambda: frozen(frames),
+            {"loop": loop, "many": many},
+            min_rounds=max(opts.min_rounds, 5),
+            max_rounds=max(opts.max_rounds, 5),
+            budget_s=opts.budget_s,
+        )
+        row.update(
+            shares_model_forward=shared,
+            loop_speed=stats["loop"].ratio,
+            many_speed=stats["many"].ratio,
+            loop_spread=list(stats["loop"].spread),
+            many_spread=list(stats["many"].spread),
+            rounds=len(stats["many"].ratios),
+            frozen_ms_per_tick=1e3 * median(stats["many"].baseline_s),
+        )
+        log(
+            f"  {name}: {n} subjects x 1 frame: loop {row['loop_speed']:.2f}, "
+            f"predict_many {row['many_speed']:.2f} of frozen batch speed"
+        )
+        rows.append(row)
+    return rows
+
+
 def _memory(opts: BenchOptions, log: Callable[[str], None]) -> list[dict[str, Any]]:
     rows = []
     plain: list[tuple[str, str, dict[str, Any]]] = [(n, n, {}) for n in opts.memory_strategies]
@@ -416,6 +474,8 @@ def _run(opts: BenchOptions, log: Callable[[str], None]) -> dict[str, Any]:
         log(f"subject switching and interleaving: {bm.name}")
         result["switching"] = _switching(bm, chosen, opts)
         result["interleaved"] = _interleaved(bm, chosen, opts, log)
+        log(f"several subjects per call (predict_many): {bm.name}")
+        result["many_subjects"] = _many_subjects(bm, strategies, opts, log)
     log(f"resident memory: {opts.memory_model}")
     result["memory"] = _memory(opts, log)
     result["conditions"]["load_average_end"] = (

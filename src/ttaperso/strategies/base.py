@@ -57,6 +57,11 @@ class Strategy:
     #: whether the strategy needs a :class:`~ttaperso.source_data.SourceData` sample
     #: (``"required"`` refuses to build without one; ``"optional"`` uses it when given)
     uses_source: ClassVar[Literal["no", "optional", "required"]] = "no"
+    #: True when the model part of the forward (:meth:`model_forward`) is the same for every
+    #: subject (no subject tensors swapped in, no gradients, stored statistics only): then
+    #: :meth:`~ttaperso.Personalizer.predict_many` runs it once for several subjects' frames
+    #: and only :meth:`head` and the rest of the step run per subject.
+    shares_model_forward: ClassVar[bool] = False
     #: the collapse guard's recovery during the last :meth:`step` (None: no guard or no trip)
     last_guard_event: GuardEvent | None = None
 
@@ -123,8 +128,8 @@ class Strategy:
         """A fresh subject's state (an independent copy)."""
         return self._initial.clone()
 
-    def forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
-        """Prediction forward of one subject (override for strategies with their own head)."""
+    def model_forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
+        """The shared model's part of the prediction forward, with the subject's tensors."""
         return self.runtime.forward(
             state.model_tensors(),
             frames,
@@ -132,6 +137,22 @@ class Strategy:
             bn_prior=self.bn_prior(state),
             collect_moments=self.collects_moments(),
         )
+
+    def head(self, state: SubjectState, frames: Tensor, out: ForwardOutput) -> ForwardOutput:
+        """The subject-specific part after the model (hook; default: the model's logits)."""
+        return out
+
+    def forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
+        """Prediction forward of one subject: :meth:`model_forward`, then :meth:`head`."""
+        return self.head(state, frames, self.model_forward(state, frames))
+
+    def shared_forward(self, frames: Tensor) -> ForwardOutput:
+        """:meth:`model_forward` for frames of any subjects (needs ``shares_model_forward``)."""
+        if not self.shares_model_forward:
+            raise RuntimeError(
+                f"Strategy {self.config.strategy_name!r} has a subject-specific model forward"
+            )
+        return self.model_forward(self._initial, frames)
 
     def apply_gates(self, state: SubjectState, logits: Tensor, labels: Tensor) -> Tensor:
         """AND of all gates; each gate's memory is read from and written to ``state``."""
@@ -146,7 +167,16 @@ class Strategy:
 
     def step(self, state: SubjectState, frames: Tensor) -> StepResult:
         """One predict call for one subject: forward, gates, adapt, smoothing."""
-        out = self.forward(state, frames)
+        return self.finish(state, frames, self.forward(state, frames))
+
+    def step_from_shared(
+        self, state: SubjectState, frames: Tensor, shared: ForwardOutput
+    ) -> StepResult:
+        """:meth:`step` given this subject's slice of a :meth:`shared_forward` output."""
+        return self.finish(state, frames, self.head(state, frames, shared))
+
+    def finish(self, state: SubjectState, frames: Tensor, out: ForwardOutput) -> StepResult:
+        """The rest of a step after the forward: checks, gates, adapt, guard, smoothing."""
         logits = out.logits
         # One check (one device sync) over the logits and every layer's moments.
         checked = [logits.detach().reshape(-1)]

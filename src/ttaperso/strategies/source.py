@@ -21,3 +21,4 @@ class SourceStrategy(Strategy):
     """Predicts with the shared model as it is; never updates a subject."""
 
     config_class = SourceConfig
+    shares_model_forward = True

@@ -65,6 +65,7 @@ class T3AStrategy(Strategy):
 
     config_class = T3AConfig
     config: T3AConfig
+    shares_model_forward = True
     variable_memory = Strategy.variable_memory + ("t3a.supports", "t3a.labels", "t3a.entropy")
 
     def __init__(self, config: T3AConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
@@ -73,7 +74,7 @@ class T3AStrategy(Strategy):
         self.head_bias = None if bias is None else bias.detach().clone()
         super().__init__(config, runtime, source)
 
-    def _head(self, z: Tensor) -> Tensor:
+    def _linear_logits(self, z: Tensor) -> Tensor:
         logits = z @ self.head_weight.to(z.device, z.dtype).T
         if self.head_bias is not None:
             logits = logits + self.head_bias.to(z.device, z.dtype)
@@ -82,7 +83,7 @@ class T3AStrategy(Strategy):
     def init_state(self) -> SubjectState:
         state = SubjectState()
         warm = self.head_weight.to(self.runtime.dtype)
-        logits = self._head(warm)
+        logits = self._linear_logits(warm)
         labels = logits.argmax(dim=1)
         entropy = softmax_entropy(logits)
         keep = t3a_filter(labels, entropy, self.num_classes, self.config.filter_k)
@@ -91,8 +92,12 @@ class T3AStrategy(Strategy):
         state.memory["t3a.entropy"] = entropy[keep].clone()
         return state
 
-    def forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
-        out = self.runtime.forward({}, frames, return_features=True)
+    def model_forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
+        """The frozen model's features (the same for every subject)."""
+        return self.runtime.forward({}, frames, return_features=True)
+
+    def head(self, state: SubjectState, frames: Tensor, out: ForwardOutput) -> ForwardOutput:
+        """Logits against the subject's prototypes (T3A's adjusted classifier)."""
         z = out.features
         if z is None:  # pragma: no cover - runtime always returns features when asked
             raise RuntimeError("the runtime returned no features")
@@ -101,7 +106,7 @@ class T3AStrategy(Strategy):
         if self.config.include_current:
             # As the reference: this call's frames join the candidate supports (filtered with
             # the stored ones) before they are classified; only gated frames are stored.
-            head_logits = self._head(z)
+            head_logits = self._linear_logits(z)
             entropy = torch.cat(
                 [state.memory["t3a.entropy"].to(z.device, z.dtype), softmax_entropy(head_logits)]
             )
@@ -122,7 +127,7 @@ class T3AStrategy(Strategy):
         z = out.features.index_select(0, index).detach()
         # Pseudo-labels and entropies of new supports come from the model's own head, not
         # from the adjusted prototypes (as in the reference).
-        head_logits = self._head(z)
+        head_logits = self._linear_logits(z)
         supports = torch.cat([state.memory["t3a.supports"], z.cpu().to(self.runtime.dtype)])
         labels = torch.cat([state.memory["t3a.labels"], head_logits.argmax(dim=1).cpu()])
         entropy = torch.cat(

@@ -145,6 +145,7 @@ class TTACaPStrategy(Strategy):
     """Per subject: personalised source prototypes, positive/negative caches, gate counts."""
 
     config_class = TTACaPConfig
+    shares_model_forward = True
     config: TTACaPConfig
     uses_source = "optional"
 
@@ -280,9 +281,12 @@ class TTACaPStrategy(Strategy):
                 raise StateFileError(f"{source}: memory/{key} holds negative counts")
 
     # ------------------------------------------------------------- predict
-    def forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
-        """Frozen forward with features, then retrieval from the caches and fusion."""
-        out = self.runtime.forward(state.model_tensors(), frames, return_features=True)
+    def model_forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
+        """The frozen model's logits and features (the same for every subject)."""
+        return self.runtime.forward({}, frames, return_features=True)
+
+    def head(self, state: SubjectState, frames: Tensor, out: ForwardOutput) -> ForwardOutput:
+        """Retrieval from the subject's caches and fusion with the frame's features."""
         features = out.features
         if features is None or features.shape != (frames.shape[0], self.dim):
             got = None if features is None else tuple(features.shape)
