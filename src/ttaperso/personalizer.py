@@ -19,7 +19,7 @@ from .errors import InputError, StateFileError
 from .models import as_fer_model
 from .runtime import ForwardOutput, ModelRuntime
 from .source_data import SourceData
-from .state import SubjectState
+from .state import PackedState, SubjectState
 from .store import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -131,7 +131,8 @@ class Personalizer:
             )
         )
         self._strategy = build_strategy(config, self._runtime, checked)
-        self._states: dict[str, SubjectState] = {}
+        #: live states: SubjectState after a step, PackedState at rest (new, loaded, saved)
+        self._states: dict[str, SubjectState | PackedState] = {}
         self._lock = self._runtime.lock
         self._audit = _as_audit(audit)
         #: frames / updated frames / guard trips per subject since its last audited save
@@ -265,7 +266,12 @@ class Personalizer:
     def _advance(self, subject: str, x: Tensor, shared: ForwardOutput | None) -> Prediction:
         """Step one subject (caller holds the lock); ``shared``: its slice of a shared forward."""
         state = self._states.get(subject)
-        working = state if state is not None else self._strategy.initial_state()
+        if state is None:
+            working = self._strategy.initial_state()
+        elif isinstance(state, PackedState):  # at rest: a step needs separate tensors
+            working = state.unpacked()
+        else:
+            working = state
         if shared is None:
             result = self._strategy.step(working, x)
         else:
@@ -347,7 +353,15 @@ class Personalizer:
                 raise InputError(
                     f"Unknown subject(s) {unknown[:10]}; known: {list(self._states)[:20]}"
                 )
-            snapshot = {s: self._states[s].clone() for s in names}
+            snapshot: dict[str, PackedState] = {}
+            for name in names:
+                # The saved copy also becomes the live state: packed while the subject is at
+                # rest. Packed states are never changed in place (a step unpacks a copy), so
+                # the snapshot being written outside the lock cannot change.
+                live = self._states[name]
+                packed = live if isinstance(live, PackedState) else live.packed()
+                self._states[name] = packed
+                snapshot[name] = packed
         metadata = self._metadata()
         for subject, state in snapshot.items():
             kept = store.write(subject, state.flat(), metadata)
@@ -372,7 +386,7 @@ class Personalizer:
                 entries = store.read_all()
         else:
             entries = {validate_subject(s): store.read(s) for s in subjects}
-        loaded: dict[str, SubjectState] = {}
+        loaded: dict[str, SubjectState | PackedState] = {}
         for subject, (tensors, metadata) in entries.items():
             loaded[subject] = self._check_loaded(subject, tensors, metadata, store)
         with self._lock:
@@ -385,7 +399,7 @@ class Personalizer:
 
     def _check_loaded(
         self, subject: str, tensors: dict[str, Tensor], metadata: dict[str, Any], store: StateStore
-    ) -> SubjectState:
+    ) -> PackedState:
         where = f"{store!r} subject {subject!r}"
         digest = metadata.get("model_digest")
         if digest != self.model_digest:
@@ -418,12 +432,13 @@ class Personalizer:
             raise StateFileError(f"{where}: unexpected tensor key {exc}") from exc
         self._strategy.check_state(state, where)
         device = self._runtime.device
+        # Packed on the model's device: one allocation per dtype instead of one per tensor.
         return SubjectState(
             **{
                 group: {k: v.to(device) for k, v in getattr(state, group).items()}
                 for group in ("params", "buffers", "optim", "memory")
             }
-        )
+        ).packed()
 
     # ------------------------------------------------- reliability (issue 9)
     def calibrate(self, subject: str, neutral_frames: Tensor) -> None:
@@ -443,7 +458,7 @@ class Personalizer:
         )
         with self._lock:
             state = self._states.get(subject)
-            working = (state if state is not None else self._strategy.initial_state()).clone()
+            working = (state if state is not None else self._strategy.initial_state()).unpacked()
             self._strategy.calibrate(working, x)
             self._states[subject] = working
             self._audit_event(
@@ -521,7 +536,9 @@ class Personalizer:
         }
         self._audit.append(subject, event, {**data, **context})
 
-    def _audit_save(self, subject: str, state: SubjectState, kept: Any, store: StateStore) -> None:
+    def _audit_save(
+        self, subject: str, state: SubjectState | PackedState, kept: Any, store: StateStore
+    ) -> None:
         with self._lock:
             activity = self._activity.pop(subject, {"frames": 0, "updated": 0, "trips": 0})
         self._audit_event(
@@ -536,7 +553,7 @@ class Personalizer:
         )
 
 
-def _digest(state: SubjectState) -> str:
+def _digest(state: SubjectState | PackedState) -> str:
     return state_digest(state.flat())
 
 

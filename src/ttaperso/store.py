@@ -72,6 +72,14 @@ def subject_filename(subject: str) -> str:
     return f"{slug}-{digest}{_SUFFIX}"
 
 
+def _owned(tensor: Tensor) -> Tensor:
+    """A CPU tensor that owns its storage (packed states hold views into one buffer)."""
+    t = tensor.detach().cpu().contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()  # serialisers may refuse or duplicate tensors that share a buffer
+    return t
+
+
 def state_digest(tensors: dict[str, Tensor]) -> str:
     """SHA-256 over the sorted keys, dtypes, shapes and bytes of a flat state dict.
 
@@ -140,7 +148,7 @@ class FolderStore:
         file complete.
         """
         self.path.mkdir(parents=True, exist_ok=True)
-        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        flat = {k: _owned(v) for k, v in tensors.items()}
         digest = state_digest(flat)
         header = {
             _META_KEY: json.dumps({**metadata, "subject": subject}, sort_keys=True),

@@ -125,8 +125,8 @@ class Strategy:
         return state
 
     def initial_state(self) -> SubjectState:
-        """A fresh subject's state (an independent copy)."""
-        return self._initial.clone()
+        """A fresh subject's state (an independent, unpacked copy: ready for a step)."""
+        return self._initial.unpacked()
 
     def model_forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
         """The shared model's part of the prediction forward, with the subject's tensors."""
