@@ -169,26 +169,29 @@ class _MixtureBatchNorm(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, mean, var, d, batch_mean = ctx.saved_tensors
         wa, wb, eps = ctx.coeffs
-        dims = [0, *range(2, x.dim())]
         shape = (1, -1) + (1,) * (x.dim() - 2)
         count = x.numel() / x.shape[1]
         r = torch.rsqrt(var + eps)
         w = weight if weight is not None else torch.ones_like(r)
-        sum_g = grad.sum(dim=dims)
-        sum_gx = (grad * x).sum(dim=dims)
-        centered = sum_gx - mean * sum_g  # sum of g (x - mean)
+        # torch's own eval-mode BN backward does the two reductions and the
+        # statistics-free input gradient (g * w * r) in fused passes: sum(g) is its bias
+        # gradient and sum(g (x - mean)) * r its weight gradient.
+        grad_x_eval, grad_w_eval, sum_g = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(), x, w, mean, var, None, None, False, eps, [True, True, True]
+        )
+        centered = grad_w_eval / r  # sum of g (x - mean)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             d_mean = -r * w * sum_g
             d_var = -0.5 * r**3 * w * centered
+            # The statistics' share: d mean/d x and d var/d x are per-channel affine in x.
             d_mb = wb * d_mean + d_var * (2.0 * wa * wb * d - 2.0 * wb * batch_mean)
             d_qb = wb * d_var
-            scale = (r * w).view(shape)
             coef_x = (2.0 * d_qb / count).view(shape)
             shift = (d_mb / count).view(shape)
-            grad_x = torch.addcmul(shift, grad, scale) + coef_x * x
+            grad_x = grad_x_eval.addcmul_(x, coef_x).add_(shift)
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = r * centered
+            grad_w = grad_w_eval
         if ctx.needs_input_grad[2]:
             grad_b = sum_g
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
