@@ -131,7 +131,7 @@ class Personalizer:
             )
         )
         self._strategy = build_strategy(config, self._runtime, checked)
-        #: live states: SubjectState after a step, PackedState at rest (new, loaded, saved)
+        #: live states: SubjectState after a step, PackedState at rest (loaded, saved)
         self._states: dict[str, SubjectState | PackedState] = {}
         self._lock = self._runtime.lock
         self._audit = _as_audit(audit)
@@ -386,7 +386,7 @@ class Personalizer:
                 entries = store.read_all()
         else:
             entries = {validate_subject(s): store.read(s) for s in subjects}
-        loaded: dict[str, SubjectState | PackedState] = {}
+        loaded: dict[str, PackedState] = {}
         for subject, (tensors, metadata) in entries.items():
             loaded[subject] = self._check_loaded(subject, tensors, metadata, store)
         with self._lock:

@@ -7,7 +7,7 @@ Four groups, flattened with a prefix for storage:
 * ``optim/<name>/<key>`` optimizer moments, keyed by the parameter they belong to,
 * ``memory/<key>``   the strategy's and gates' memory (prediction history, counters, ...).
 
-A state *at rest* (new, reset, loaded, just saved) is kept as a :class:`PackedState`: one
+A state *at rest* (loaded, rolled back, just saved) is kept as a :class:`PackedState`: one
 buffer per dtype plus a layout shared by every subject with the same tensors. A resident
 subject then costs its tensor bytes and about a kilobyte, instead of a few hundred tensor
 objects (about 0.5 KiB each: 0.1 MiB for a ResNet-18 ``tent`` state). Steps work on an

@@ -8,8 +8,9 @@ copies of that state as ``N`` subjects and reads it again. It prints one JSON ob
 Running each configuration in its own process keeps allocator leftovers of one from
 inflating another.
 
-The copies are installed directly (``SubjectState.clone`` into the Personalizer's table,
-exactly what :meth:`Personalizer.load` stores) because loading 10,000 files through the
+The copies are installed directly (clones of the loaded state, a
+:class:`~ttaperso.state.PackedState`, into the Personalizer's table: exactly what
+:meth:`Personalizer.load` stores) because loading 10,000 files through the
 checked load path takes minutes on the shared machine; the load path's own speed is
 measured separately on a few hundred subjects (``load_ms_per_subject``).
 """
