@@ -14,8 +14,12 @@ the frozen model is the floor. Accuracy is reported along the stream (each subje
 stream cut into ten equal segments, pooled over subjects) and overall.
 
 Part 2 (``--part calib``): SynthFace target subjects with a resting-face bias; accuracy per
-subject of ``norm`` and ``tent`` (defaults) with and without ``Personalizer.calibrate`` on a
-48-frame neutral recording of the same session's capture.
+subject of ``norm`` and ``tent`` (defaults) without calibration, with ``Personalizer.calibrate``
+of the BN statistics only (``neutral_label=None``) and with statistics plus the neutral logit
+offset (the default), on a 48-frame neutral recording of the same session's capture; and the
+frozen model with the offset alone (``source``).
+
+    python experiments/long_stream.py --part calib --tag calib   # part 2 only, about 2 min
 
     python experiments/long_stream.py              # both parts, about 20 min on 2 busy cores
     python experiments/long_stream.py --quick      # a small smoke run
@@ -171,6 +175,8 @@ def part_calib(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     people = [i for i in sf.sample_subjects(12, split="target") if i.resting_face != "none"]
     people = people[: 2 if args.quick else 5]
     out: dict[str, Any] = {}
+    pooled: dict[str, list[int]] = {}
+    neutral_index = list(model.labels).index("neutral")
     for identity in people:
         stream = sf.subject_stream(identity, sessions=1, frames_per_clip=(24, 48))
         neutral = sf.subject_stream(
@@ -182,19 +188,50 @@ def part_calib(args: argparse.Namespace, model: Any) -> dict[str, Any]:
         with torch.no_grad():
             row["frozen"] = float((model(x).argmax(1) == y).float().mean())
             row["frozen on neutral recording: share predicted neutral"] = float(
-                (model(rest).argmax(1) == 6).float().mean()
+                (model(rest).argmax(1) == neutral_index).float().mean()
             )
-        for name in ("norm", "tent"):
-            for calibrated in (False, True):
+        # calibration variants: none, BN statistics only, statistics + the neutral logit
+        # offset (the offset alone for `source`, which keeps no statistics)
+        variants = {
+            "source": [("source + offset", {})],
+            "norm": [
+                ("norm", None),
+                ("norm + calibrate statistics", {"neutral_label": None}),
+                ("norm + calibrate statistics and offset", {}),
+                # sensitivity to the a-priori margin (not used to choose the default)
+                ("norm + calibrate statistics and offset, margin 0", {"margin": 0.0}),
+            ],
+            "tent": [
+                ("tent", None),
+                ("tent + calibrate statistics", {"neutral_label": None}),
+                ("tent + calibrate statistics and offset", {}),
+            ],
+        }
+        for name, runs in variants.items():
+            for label, calib in runs:
                 p = ttaperso.Personalizer(model, name)
-                if calibrated:
-                    p.calibrate("s", rest)
+                if calib is not None:
+                    p.calibrate("s", rest, **calib)
                 pred = run_stream(p, model, "s", x)
-                row[f"{name}{' + calibrate' if calibrated else ''}"] = float(
-                    (pred == y).float().mean()
-                )
+                row[label] = float((pred == y).float().mean())
+                # pooled over subjects: neutral frames vs expressive frames
+                is_neutral = y == neutral_index
+                tally = pooled.setdefault(label, [0, 0, 0, 0])
+                tally[0] += int((pred[is_neutral] == neutral_index).sum())
+                tally[1] += int(is_neutral.sum())
+                tally[2] += int((pred[~is_neutral] == y[~is_neutral]).sum())
+                tally[3] += int((~is_neutral).sum())
         out[identity.id] = {"resting_face": identity.resting_face, "frames": len(y), **row}
         print(identity.id, identity.resting_face, {k: round(v, 3) for k, v in row.items()})
+    out["pooled"] = {
+        label: {
+            "neutral_frames": t[1],
+            "neutral_recall": t[0] / max(t[1], 1),
+            "expressive_frames": t[3],
+            "expressive_accuracy": t[2] / max(t[3], 1),
+        }
+        for label, t in pooled.items()
+    }
     return out
 
 
@@ -215,13 +252,30 @@ def to_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {label} | {row['accuracy']:.3f} | {row['guard_trips']} | {seg} |")
     if "calib" in results:
         lines += ["", "## Neutral calibration, SynthFace target subjects with a resting-face bias"]
-        rows = results["calib"]
+        rows = {k: v for k, v in results["calib"].items() if k != "pooled"}
         keys = [k for k in next(iter(rows.values())) if k not in ("resting_face", "frames")]
         lines += ["", "| subject | resting face | frames | " + " | ".join(keys) + " |"]
         lines.append("|---" * (3 + len(keys)) + "|")
         for sid, row in rows.items():
             values = " | ".join(f"{row[k]:.3f}" for k in keys)
             lines.append(f"| {sid} | {row['resting_face']} | {row['frames']} | {values} |")
+        means = " | ".join(f"{sum(r[k] for r in rows.values()) / len(rows):.3f}" for k in keys)
+        lines.append(f"| mean | | | {means} |")
+        pooled = results["calib"].get("pooled", {})
+        if pooled:
+            lines += [
+                "",
+                "Pooled over the subjects: frames labelled neutral (onsets, offsets, neutral "
+                "clips) vs expressive frames.",
+                "",
+                "| config | neutral recall | expressive accuracy |",
+                "|---|---|---|",
+            ]
+            for label, t in pooled.items():
+                lines.append(
+                    f"| {label} | {t['neutral_recall']:.3f} ({t['neutral_frames']} frames) | "
+                    f"{t['expressive_accuracy']:.3f} ({t['expressive_frames']} frames) |"
+                )
     return "\n".join(lines) + "\n"
 
 

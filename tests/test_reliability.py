@@ -727,7 +727,11 @@ def test_calibrate_sets_bn_statistics_from_neutral_frames(
 
 def test_calibrate_refuses_cleanly(personalizer_factory: PersonalizerFactory) -> None:
     with pytest.raises(ConfigError, match="does not support neutral-baseline calibration"):
-        personalizer_factory("source").calibrate("A", target_frames(4))
+        personalizer_factory("source").calibrate("A", target_frames(4), neutral_label=None)
+    with pytest.raises(ConfigError, match=r"'calm' is not one of the model's labels"):
+        personalizer_factory("norm").calibrate("A", target_frames(4), neutral_label="calm")
+    with pytest.raises(ConfigError, match="margin"):
+        personalizer_factory("norm").calibrate("A", target_frames(4), margin=-1.0)
     with pytest.raises(ConfigError, match="needs accumulate=True"):
         personalizer_factory("norm", accumulate=False, source_prior=0.0).calibrate(
             "A", target_frames(4)
@@ -740,6 +744,60 @@ def test_calibrate_refuses_cleanly(personalizer_factory: PersonalizerFactory) ->
     with pytest.raises(InputError, match="NaN or Inf"):
         p.calibrate("A", bad)
     assert states_equal(p.state_dict("A"), before)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_calibrate_logit_offset_makes_the_resting_face_read_neutral(
+    personalizer_factory: PersonalizerFactory, strategy: str, tmp_path: Path
+) -> None:
+    """After calibration the neutral recording's mean logit leads every class by the margin."""
+    p = _build(personalizer_factory, strategy)
+    neutral = LABELS.index("neutral")
+    rest = target_frames(8, seed=5, scale=2.0, shift=0.5)
+    p.calibrate("A", rest, margin=1.0)
+    offset = p.state_dict("A")["memory/calib.offset"]
+    assert offset.shape == (len(LABELS),) and float(offset[neutral]) == 0.0
+    assert bool((offset <= 0).all())
+    # `predict` on the same frames sees the same model output as the calibration did
+    # (prediction comes before the update), so the offset's promise holds exactly.
+    ref = _build(personalizer_factory, strategy)
+    if ref._strategy.calibrates_statistics:
+        ref.calibrate("A", rest, neutral_label=None)  # the same statistics, no offset
+    mean = p.predict(rest, "A").logits.mean(dim=0)
+    raw = ref.predict(rest, "A").logits.mean(dim=0)
+    torch.testing.assert_close(mean, raw + offset, rtol=1e-5, atol=1e-5)
+    others = [c for c in range(len(LABELS)) if c != neutral]
+    assert all(float(mean[neutral] - mean[c]) >= 1.0 - 1e-4 for c in others)
+    # classes the resting face does not resemble keep their logits
+    untouched = [c for c in others if float(raw[neutral] - raw[c]) >= 1.0]
+    assert all(float(offset[c]) == 0.0 for c in untouched)
+    # a property of the subject: saved, loaded, cleared by reset
+    p.save(tmp_path)
+    q = _build(personalizer_factory, strategy)
+    q.load(tmp_path)
+    assert torch.equal(
+        q.state_dict("A")["memory/calib.offset"], p.state_dict("A")["memory/calib.offset"]
+    )
+    q.reset("A")
+    q.predict(rest, "A")
+    assert "memory/calib.offset" not in q.state_dict("A")
+
+
+def test_calibration_offset_survives_guard_recovery_and_is_checked_on_load(
+    personalizer_factory: PersonalizerFactory, tmp_path: Path
+) -> None:
+    p = personalizer_factory("tent", guard=CollapseGuard(window=8, min_frames=4))
+    p.calibrate("A", target_frames(8, seed=6))
+    state = p._states["A"]
+    offset = state.memory["calib.offset"].clone()
+    p._strategy.config.guard._recover(p._strategy, state, 1, {})
+    assert torch.equal(state.memory["calib.offset"], offset)
+    p.save(tmp_path)
+    tensors, metadata = FolderStore(tmp_path).read("A")
+    tensors["memory/calib.offset"] = torch.zeros(len(LABELS) + 1)
+    FolderStore(tmp_path).write("A", tensors, metadata)
+    with pytest.raises(StateFileError, match=r"calib.offset.*expected a float tensor of shape"):
+        personalizer_factory("tent", guard=CollapseGuard(window=8, min_frames=4)).load(tmp_path)
 
 
 def test_calibrate_becomes_the_guard_snapshot(personalizer_factory: PersonalizerFactory) -> None:

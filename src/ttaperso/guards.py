@@ -296,8 +296,13 @@ class CollapseGuard:
                     group, _, name = key.partition("/")
                     getattr(fresh, group)[name] = value.clone()
                 restored = "snapshot"
-        # Keep the gates', smoothing's and the guard's memory; the rest restarts fresh.
-        kept = {k: v for k, v in state.memory.items() if k.startswith((_PREFIX, "gate", "smooth."))}
+        # Keep the gates', smoothing's and the guard's memory and the neutral-baseline
+        # calibration (a property of the subject, not of the adaptation); the rest restarts.
+        kept = {
+            k: v
+            for k, v in state.memory.items()
+            if k.startswith((_PREFIX, "gate", "smooth.", "calib."))
+        }
         state.params = fresh.params
         state.buffers = fresh.buffers
         state.optim = {}

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from . import __version__
 from .audit import AuditLog
+from .calibration import DEFAULT_MARGIN, neutral_logit_offset
 from .config import StrategyConfig
-from .errors import InputError, StateFileError
+from .errors import ConfigError, InputError, StateFileError
 from .models import as_fer_model
 from .runtime import ForwardOutput, ModelRuntime
 from .source_data import SourceData
@@ -29,6 +30,7 @@ from .store import (
     state_digest,
 )
 from .strategies import build_strategy, get_config_class, make_config
+from .strategies.base import CALIBRATION_OFFSET
 from .validation import (
     MAX_FRAMES_PER_CALL,
     MAX_VALUES_PER_CALL,
@@ -441,29 +443,76 @@ class Personalizer:
         ).packed()
 
     # ------------------------------------------------- reliability (issue 9)
-    def calibrate(self, subject: str, neutral_frames: Tensor) -> None:
+    def calibrate(
+        self,
+        subject: str,
+        neutral_frames: Tensor,
+        *,
+        neutral_label: str | None = "neutral",
+        margin: float = DEFAULT_MARGIN,
+    ) -> None:
         """Initialise ``subject`` from a short neutral recording (resting face).
 
-        Starts from the subject's current state (a fresh one for a new subject) and applies
-        the strategy's calibration (BN statistics for ``norm``/``tent``/``sar``); see
-        :mod:`ttaperso.calibration`. Raises ConfigError for strategies without one and
+        Starts from the subject's current state (a fresh one for a new subject) and
+        applies, see :mod:`ttaperso.calibration`:
+
+        1. the strategy's statistics calibration where it has one (BN statistics for
+           ``norm``/``tent``/``sar``/``eata``/``fisher``/``shot``);
+        2. a logit offset that makes the recording read ``neutral_label`` (matched to the
+           model's labels case-insensitively) on average by ``margin`` logits, lowering
+           only the classes the resting face resembles. ``neutral_label=None`` skips it;
+           a model without that label skips it too when the strategy has step 1.
+
+        Raises ConfigError when neither step applies or ``neutral_label`` names no label,
         InputError for bad frames; on error nothing changes.
         """
         subject = validate_subject(subject)
-        x = validate_frames(
-            neutral_frames,
-            self._runtime.module,
-            dtype=self._runtime.dtype,
-            device=self._runtime.device,
-        )
+        x = self._validated(neutral_frames)
+        neutral = self._neutral_index(neutral_label)
+        if neutral is None and not self._strategy.calibrates_statistics:
+            raise ConfigError(
+                f"Strategy {self.strategy_name!r} does not support neutral-baseline calibration "
+                f"of statistics, and no logit offset was asked for (the model's labels "
+                f"{list(self.labels)} have no {neutral_label!r}; pass neutral_label=...)"
+            )
         with self._lock:
             state = self._states.get(subject)
             working = (state if state is not None else self._strategy.initial_state()).unpacked()
-            self._strategy.calibrate(working, x)
+            if self._strategy.calibrates_statistics:
+                self._strategy.calibrate(working, x)
+            record: dict[str, Any] = {"frames": int(x.shape[0])}
+            if neutral is not None:
+                with torch.no_grad():
+                    logits = self._strategy.forward(working, x).logits.detach()
+                if not bool(torch.isfinite(logits).all()):
+                    raise InputError(
+                        "The model produced non-finite logits for the neutral frames; the "
+                        "subject's state was not changed"
+                    )
+                offset = neutral_logit_offset(logits, neutral, margin)
+                working.memory[CALIBRATION_OFFSET] = offset.to(self._runtime.dtype)
+                record.update(neutral_label=self.labels[neutral], logit_offset=offset.tolist())
             self._states[subject] = working
-            self._audit_event(
-                subject, "calibrate", {"frames": int(x.shape[0]), "state_digest": _digest(working)}
+            self._audit_event(subject, "calibrate", {**record, "state_digest": _digest(working)})
+
+    def _neutral_index(self, neutral_label: str | None) -> int | None:
+        """Index of ``neutral_label`` among the model's labels (None: no offset wanted/possible)."""
+        if neutral_label is None:
+            return None
+        if not isinstance(neutral_label, str):
+            raise ConfigError(
+                f"Expected argument `neutral_label` to be a str or None but got "
+                f"{type(neutral_label).__name__}"
             )
+        lowered = [label.lower() for label in self.labels]
+        if neutral_label.lower() in lowered:
+            return lowered.index(neutral_label.lower())
+        if neutral_label != "neutral":  # an explicit label that does not exist is an error
+            raise ConfigError(
+                f"neutral_label {neutral_label!r} is not one of the model's labels "
+                f"{list(self.labels)}"
+            )
+        return None
 
     def versions(self, target: str | Path | StateStore, subject: str) -> list[StateVersion]:
         """Kept versions of ``subject`` in a versioned :class:`FolderStore`, oldest first."""

@@ -32,7 +32,11 @@ from ..runtime import ForwardOutput, ModelRuntime
 from ..source_data import SourceData
 from ..state import SubjectState
 
-__all__ = ["Strategy", "StepResult", "optimizer_step"]
+__all__ = ["CALIBRATION_OFFSET", "Strategy", "StepResult", "optimizer_step"]
+
+#: memory key of a subject's neutral-baseline logit offset ``(C,)`` (optional in every state;
+#: set by :meth:`ttaperso.Personalizer.calibrate`, see :mod:`ttaperso.calibration`)
+CALIBRATION_OFFSET = "calib.offset"
 
 
 @dataclass
@@ -104,14 +108,21 @@ class Strategy:
         return torch.zeros_like(admitted)
 
     def calibrate(self, state: SubjectState, frames: Tensor) -> None:
-        """Initialise ``state`` from a short neutral recording of the subject (hook).
+        """Initialise ``state``'s statistics from a short neutral recording (hook).
 
-        The default refuses: strategies that can use a neutral baseline override it (BN
-        statistics for ``norm``/``tent``/``sar``). Must raise before changing ``state``.
+        The default refuses: strategies with per-subject BN statistics override it
+        (``norm``/``tent``/``sar``/``fisher``/...). Must raise before changing ``state``.
+        The logit offset of :meth:`ttaperso.Personalizer.calibrate` works for every
+        strategy and does not go through this hook.
         """
         raise ConfigError(
             f"Strategy {self.config.strategy_name!r} does not support neutral-baseline calibration"
         )
+
+    @property
+    def calibrates_statistics(self) -> bool:
+        """Whether :meth:`calibrate` is implemented (the strategy keeps BN statistics)."""
+        return type(self).calibrate is not Strategy.calibrate
 
     # ------------------------------------------------------------ machinery
     def _complete_state(self, state: SubjectState) -> SubjectState:
@@ -191,6 +202,11 @@ class Strategy:
                 "frames (extreme input values?); the subject's state was not changed"
             )
         detached = logits.detach()
+        offset = state.memory.get(CALIBRATION_OFFSET)
+        if offset is not None:
+            # The subject's neutral baseline shifts what is predicted (and what the gates
+            # see); `adapt` still gets the model's own output in `out`.
+            detached = detached + offset.to(detached.device, detached.dtype)
         labels = detached.argmax(dim=1).cpu()
         admitted = self.apply_gates(state, detached, labels)
         # A caller's torch.no_grad() must not break gradient strategies: `adapt` builds its
@@ -231,6 +247,14 @@ class Strategy:
                     ref.memory[key],
                     variable=key in self.variable_memory,
                 )
+            elif key == CALIBRATION_OFFSET:
+                if not tensor.is_floating_point() or tensor.shape != (self.num_classes,):
+                    raise StateFileError(
+                        f"{source}: memory/{key} is {tensor.dtype} {tuple(tensor.shape)}, "
+                        f"expected a float tensor of shape ({self.num_classes},)"
+                    )
+                if not torch.isfinite(tensor).all():
+                    raise StateFileError(f"{source}: memory/{key} holds non-finite values")
             elif self.per_param_memory and key.startswith(self.per_param_memory):
                 prefix = next(p for p in self.per_param_memory if key.startswith(p))
                 name = key[len(prefix) :]
