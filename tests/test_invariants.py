@@ -416,10 +416,34 @@ def test_predict_many_equals_one_call_per_subject(
                 torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=key)
             else:
                 assert torch.equal(a[key], b[key]), key
-    # The shared forward is only claimed where the model part owns no subject tensors.
+    # The shared forward is only claimed where the model part owns no subject tensors;
+    # one batched forward with per-subject statistics only by strategies without gradients.
     strat = many._strategy
     if strat.shares_model_forward:
         assert not strat.initial_state().model_tensors()
+    if strat.batches_subjects:
+        assert not strat.trainable(strat.initial_state())
+    # norm, and sar (whose prediction forward takes no gradient: SAM runs in its update)
+    assert strat.batches_subjects == (strategy in ("norm", "sar"))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_predict_many_extreme_frames_change_nothing(
+    personalizer_factory: PersonalizerFactory, strategy: str
+) -> None:
+    """Huge finite frames for one subject: refused for all (no state changed) or all finite."""
+    p = personalizer_factory(strategy)
+    for frames in _stream(3, seed=36):
+        p.predict(frames, "A")
+        p.predict(frames, "B")
+    before = all_states(p)
+    try:
+        p.predict_many({"A": target_frames(2, seed=38), "B": target_frames(3, seed=39) * 1e18})
+    except InputError:
+        after = all_states(p)
+        assert all(states_equal(before[s], after[s]) for s in before)
+    for s in p.subjects:
+        assert_states_finite(p.state_dict(s))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

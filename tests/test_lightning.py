@@ -109,13 +109,18 @@ def test_predict_matches_personalizer_per_subject(strategy: str) -> None:
     assert set(callback.personalizer.subjects) == set(SUBJECTS)  # one state per subject
     reference = _reference(strategy, dataset, batch_size=6)
     got = {s: torch.cat([p.logits for p in callback.predictions[s]]) for s in SUBJECTS}
+    # The callback serves a batch's subjects with predict_many: bit-identical for tent (one
+    # forward per subject), equal up to float rounding for norm (one batched forward with
+    # per-subject statistics).
+    tol = {"rtol": 0.0, "atol": 0.0} if strategy == "tent" else {"rtol": 1e-5, "atol": 1e-6}
     for s in SUBJECTS:
-        torch.testing.assert_close(got[s], reference[s], rtol=0, atol=0)
+        torch.testing.assert_close(got[s], reference[s], **tol)
+        assert torch.equal(got[s].argmax(1), reference[s].argmax(1))
     # the returned predictions are the personalized ones, in batch order
     flat = torch.cat(outputs)
     order = {s: 0 for s in SUBJECTS}
     for row, (subject, _) in zip(flat, dataset.items, strict=True):
-        torch.testing.assert_close(row, reference[subject][order[subject]], rtol=0, atol=0)
+        torch.testing.assert_close(row, reference[subject][order[subject]], **tol)
         order[subject] += 1
     # ...and differ from the frozen model's (the state adapted)
     frozen = module(torch.stack([dataset[i]["x"] for i in range(len(dataset))]))

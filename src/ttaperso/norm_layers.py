@@ -46,10 +46,20 @@ class NormControl:
 
     prior: float = math.inf
     collect: dict[str, tuple[Tensor, Tensor]] | None = None
+    #: several subjects in one forward (``predict_many``): per-sample subject index ``(N,)``;
+    #: the running buffers are then stacked ``(S, C)`` (or shared ``(C,)``) and each
+    #: subject's statistics are mixed with its own frames' moments
+    segments: Tensor | None = None
+    #: per-subject weight of the stored statistics ``(S, 1)`` and frame count ``(S, 1)``
+    segment_prior: Tensor | None = None
+    segment_frames: Tensor | None = None
 
     def reset(self) -> None:
         self.prior = math.inf
         self.collect = None
+        self.segments = None
+        self.segment_prior = None
+        self.segment_frames = None
 
 
 class SubjectBatchNorm(nn.Module):
@@ -77,6 +87,8 @@ class SubjectBatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         control: NormControl = self._control  # type: ignore[attr-defined]
+        if control.segments is not None:
+            return self._segmented(x, control)
         prior = control.prior
         eval_mode = math.isinf(prior)
         moments: tuple[Tensor, Tensor] | None = None
@@ -128,6 +140,34 @@ class SubjectBatchNorm(nn.Module):
         return F.batch_norm(
             x, mean, var, self.weight, self.bias, training=False, momentum=0.0, eps=self.eps
         )
+
+    def _segmented(self, x: Tensor, control: NormControl) -> Tensor:
+        """Several subjects' frames in one batch, each normalised with its own mixture.
+
+        The same statistics as one call per subject (stored estimate mixed with that
+        subject's frames, :func:`~ttaperso.functional.mix_moments`), applied per sample as
+        one scale-and-shift pass. No gradients (gradient-free strategies only).
+        """
+        seg, prior, frames = control.segments, control.segment_prior, control.segment_frames
+        assert seg is not None and prior is not None and frames is not None
+        per_mean, per_sq = sample_moments(x)
+        if control.collect is not None:
+            control.collect[self.layer_name] = (per_mean.detach(), per_sq.detach())
+        subjects, channels = prior.shape[0], x.shape[1]
+        mean_b = per_mean.new_zeros(subjects, channels).index_add_(0, seg, per_mean) / frames
+        sq_b = per_sq.new_zeros(subjects, channels).index_add_(0, seg, per_sq) / frames
+        var_b = (sq_b - mean_b * mean_b).clamp_min(0.0)
+        stored_mean = self.running_mean.expand(subjects, channels)
+        stored_var = self.running_var.expand(subjects, channels)
+        mean, var = mix_moments(stored_mean, stored_var, prior, mean_b, var_b, frames)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        shape = (x.shape[0], channels) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift[seg].view(shape), x, scale[seg].view(shape))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, layer={self.layer_name!r}"

@@ -30,7 +30,7 @@ from .store import (
     state_digest,
 )
 from .strategies import build_strategy, get_config_class, make_config
-from .strategies.base import CALIBRATION_OFFSET
+from .strategies.base import CALIBRATION_OFFSET, StepResult
 from .validation import (
     MAX_FRAMES_PER_CALL,
     MAX_VALUES_PER_CALL,
@@ -190,12 +190,18 @@ class Personalizer:
 
         Equivalent to ``predict(frames[s], s)`` for each subject in the mapping's order
         (same predictions and states, up to float rounding of a batched forward). Every
-        subject id and batch is validated before anything runs: one bad entry raises and
-        changes no subject. Strategies whose model forward is the same for every subject
-        (``source``, ``t3a``, ``tta_cap``: ``Strategy.shares_model_forward``) run the frozen
-        model once over all subjects' frames and only their per-subject head separately,
-        which is what makes many small calls (one frame per patient per tick) cheap; the
-        others step each subject in turn under one lock acquisition.
+        subject id and batch is validated, and every subject's forward checked for
+        non-finite values, before any state changes: one bad entry raises and changes no
+        subject. What is batched depends on the strategy:
+
+        * model forward the same for every subject (``source``, ``t3a``, ``tta_cap``:
+          ``Strategy.shares_model_forward``): the frozen model runs once over all frames,
+          only the per-subject head separately;
+        * per-subject BN statistics without gradients in the prediction (``norm``,
+          ``sar``: ``Strategy.batches_subjects``): one forward in which each subject's
+          frames are normalised with its own statistics mixture;
+        * the others (gradients through the prediction): one forward per subject, all
+          under one lock acquisition.
         """
         if not isinstance(frames, Mapping):
             raise InputError(
@@ -213,20 +219,32 @@ class Personalizer:
                 batches[key] = self._validated(batch)
             except InputError as exc:
                 raise InputError(f"subject {subject!r}: {exc}") from exc
+        strategy = self._strategy
         with self._lock:
-            if not self._strategy.shares_model_forward:
-                return {key: self._advance(key, x, None) for key, x in batches.items()}
-            shared = self._shared_forward(batches)
-            return {key: self._advance(key, x, shared[key]) for key, x in batches.items()}
+            if strategy.shares_model_forward:
+                shared = self._shared_forward(batches)
+                return {key: self._advance(key, x, shared[key]) for key, x in batches.items()}
+            working = {key: self._working(key) for key in batches}
+            if strategy.batches_subjects:
+                outputs = self._batched_forwards(batches, working)
+            else:
+                outputs = {key: strategy.forward(working[key], x) for key, x in batches.items()}
+            # Every subject's forward is checked before any state changes: a frame that
+            # makes the model overflow refuses the whole call, as validation errors do.
+            _check_finite_outputs(outputs.values())
+            return {
+                key: self._commit(key, working[key], strategy.finish(working[key], x, outputs[key]))
+                for key, x in batches.items()
+            }
 
     def _validated(self, frames: object) -> Tensor:
         return validate_frames(
             frames, self._runtime.module, dtype=self._runtime.dtype, device=self._runtime.device
         )
 
-    def _shared_forward(self, batches: dict[str, Tensor]) -> dict[str, ForwardOutput]:
-        """One model forward over every subject's frames (in chunks the input limits allow)."""
-        outputs: dict[str, ForwardOutput] = {}
+    @staticmethod
+    def _chunks(batches: dict[str, Tensor]) -> list[list[str]]:
+        """Subjects grouped so that one forward per group stays within the per-call limits."""
         groups: list[list[str]] = [[]]
         frames = values = 0
         shape: tuple[int, ...] | None = None
@@ -243,7 +261,24 @@ class Personalizer:
                 frames = values = 0
             groups[-1].append(key)
             frames, values, shape = frames + x.shape[0], values + x.numel(), tuple(x.shape[1:])
-        for group in groups:
+        return groups
+
+    def _batched_forwards(
+        self, batches: dict[str, Tensor], working: dict[str, SubjectState]
+    ) -> dict[str, ForwardOutput]:
+        """Subject-specific forwards of several subjects, one pass per chunk (``norm``)."""
+        outputs: dict[str, ForwardOutput] = {}
+        for group in self._chunks(batches):
+            outs = self._strategy.batched_model_forward(
+                [working[k] for k in group], [batches[k] for k in group]
+            )
+            outputs.update(zip(group, outs, strict=True))
+        return outputs
+
+    def _shared_forward(self, batches: dict[str, Tensor]) -> dict[str, ForwardOutput]:
+        """One model forward over every subject's frames (in chunks the input limits allow)."""
+        outputs: dict[str, ForwardOutput] = {}
+        for group in self._chunks(batches):
             out = self._strategy.shared_forward(torch.cat([batches[k] for k in group]))
             checked = [out.logits.reshape(-1)]
             if out.features is not None:
@@ -267,17 +302,24 @@ class Personalizer:
 
     def _advance(self, subject: str, x: Tensor, shared: ForwardOutput | None) -> Prediction:
         """Step one subject (caller holds the lock); ``shared``: its slice of a shared forward."""
-        state = self._states.get(subject)
-        if state is None:
-            working = self._strategy.initial_state()
-        elif isinstance(state, PackedState):  # at rest: a step needs separate tensors
-            working = state.unpacked()
-        else:
-            working = state
+        working = self._working(subject)
         if shared is None:
             result = self._strategy.step(working, x)
         else:
             result = self._strategy.step_from_shared(working, x, shared)
+        return self._commit(subject, working, result)
+
+    def _working(self, subject: str) -> SubjectState:
+        """The state a step of ``subject`` works on (caller holds the lock)."""
+        state = self._states.get(subject)
+        if state is None:
+            return self._strategy.initial_state()
+        if isinstance(state, PackedState):  # at rest: a step needs separate tensors
+            return state.unpacked()
+        return state
+
+    def _commit(self, subject: str, working: SubjectState, result: StepResult) -> Prediction:
+        """Record a finished step of ``subject`` and keep its state (caller holds the lock)."""
         self._record_step(subject, result.updated)
         if self.config.episodic:
             working = self._strategy.initial_state()
@@ -599,6 +641,20 @@ class Personalizer:
                 "version": getattr(kept, "version", None),
                 "since_last_save": activity,
             },
+        )
+
+
+def _check_finite_outputs(outputs: Iterable[ForwardOutput]) -> None:
+    """Refuse (changing nothing) when any subject's logits or BN moments are not finite."""
+    checked: list[Tensor] = []
+    for out in outputs:
+        checked.append(out.logits.detach().reshape(-1))
+        for m, sq in (out.moments or {}).values():
+            checked += [m.reshape(-1), sq.reshape(-1)]
+    if checked and not bool(torch.isfinite(torch.cat(checked)).all()):
+        raise InputError(
+            "The model produced non-finite logits or activation statistics for these frames "
+            "(extreme input values?); no subject's state was changed"
         )
 
 

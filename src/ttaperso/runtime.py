@@ -6,7 +6,7 @@ import copy
 import hashlib
 import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -143,6 +143,43 @@ class ModelRuntime:
         else:
             logits, features = out, None
         return ForwardOutput(logits=logits, features=features, leaves=leaves, moments=moments)
+
+    def forward_segments(
+        self,
+        tensors: Sequence[Mapping[str, Tensor]],
+        frames: Tensor,
+        segments: Tensor,
+        prior: Tensor,
+        frames_per_subject: Tensor,
+        *,
+        collect_moments: bool = False,
+    ) -> ForwardOutput:
+        """One no-grad forward for several subjects' frames (BN statistics per subject).
+
+        Args:
+            tensors: per subject, its BN running buffers by name (all with the same names);
+                they are stacked ``(S, C)`` into the model's slots for this call.
+            frames: every subject's frames, concatenated in subject order.
+            segments: ``(N,)`` subject index of each frame.
+            prior: ``(S, 1)`` weight, in frames, of each subject's stored statistics.
+            frames_per_subject: ``(S, 1)`` frames of each subject in ``frames``.
+            collect_moments: also return per-sample BN moments (``(N, C)`` per layer).
+        """
+        names = list(tensors[0]) if tensors else []
+        stacked = {name: torch.stack([t[name] for t in tensors]) for name in names}
+        with self.lock, torch.no_grad():
+            control = self.control
+            control.collect = {} if collect_moments else None
+            control.segments = segments
+            control.segment_prior = prior
+            control.segment_frames = frames_per_subject
+            try:
+                logits = self._call_with(stacked, frames, False)
+                moments = control.collect
+                assert isinstance(logits, Tensor)
+            finally:
+                control.reset()
+        return ForwardOutput(logits=logits, features=None, leaves={}, moments=moments)
 
     def _call_with(
         self, tensors: Mapping[str, Tensor], frames: Tensor, return_features: bool

@@ -165,6 +165,19 @@ class Strategy:
             )
         return self.model_forward(self._initial, frames)
 
+    @property
+    def batches_subjects(self) -> bool:
+        """Whether :meth:`batched_model_forward` can run several subjects in one forward."""
+        return False
+
+    def batched_model_forward(
+        self, states: list[SubjectState], frames: list[Tensor]
+    ) -> list[ForwardOutput]:
+        """:meth:`model_forward` of several subjects at once (needs :attr:`batches_subjects`)."""
+        raise RuntimeError(
+            f"Strategy {self.config.strategy_name!r} cannot batch several subjects' forwards"
+        )
+
     def apply_gates(self, state: SubjectState, logits: Tensor, labels: Tensor) -> Tensor:
         """AND of all gates; each gate's memory is read from and written to ``state``."""
         admitted = torch.ones(labels.shape[0], dtype=torch.bool)

@@ -107,6 +107,52 @@ class NormStrategy(Strategy):
     def collects_moments(self) -> bool:
         return self.config.accumulate
 
+    @property
+    def batches_subjects(self) -> bool:
+        """True when predictions take no gradient and use the base forward (``norm``, and
+        ``sar``, whose SAM step runs its own forwards in ``adapt``); subclasses that train
+        through the prediction forward or replace it step subjects one by one."""
+        cls = type(self)
+        return (
+            cls.forward is Strategy.forward
+            and cls.model_forward is Strategy.model_forward
+            and cls.head is Strategy.head
+            and not self.trainable(self._initial)
+        )
+
+    def batched_model_forward(
+        self, states: list[SubjectState], frames: list[Tensor]
+    ) -> list[ForwardOutput]:
+        """One forward for several subjects, each with its own BN statistics mixture."""
+        sizes = [f.shape[0] for f in frames]
+        x = torch.cat(frames)
+        segments = torch.repeat_interleave(
+            torch.arange(len(frames), device=x.device), torch.tensor(sizes, device=x.device)
+        )
+        prior = torch.tensor([self.bn_prior(s) for s in states], dtype=x.dtype, device=x.device)
+        counts = torch.tensor(sizes, dtype=x.dtype, device=x.device)
+        out = self.runtime.forward_segments(
+            [s.model_tensors() for s in states],
+            x,
+            segments,
+            prior.unsqueeze(1),
+            counts.unsqueeze(1),
+            collect_moments=self.collects_moments(),
+        )
+        outputs, start = [], 0
+        for n in sizes:
+            part = slice(start, start + n)
+            moments = (
+                None
+                if out.moments is None
+                else {k: (m[part], sq[part]) for k, (m, sq) in out.moments.items()}
+            )
+            outputs.append(
+                ForwardOutput(logits=out.logits[part], features=None, leaves={}, moments=moments)
+            )
+            start += n
+        return outputs
+
     @torch.no_grad()
     def update_statistics(
         self, state: SubjectState, out: ForwardOutput, admitted: Tensor
