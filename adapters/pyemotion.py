@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ttaperso.errors import ModelInterfaceError
 from ttaperso.io import atomic_write_bytes
 from ttaperso.model import FERModel
-from ttaperso.wheels import download_wheel
+from ttaperso.wheels import download_wheel, load_cached_weights
 
 from .fer_mini_xception import cache_dir_default
 
@@ -205,8 +205,7 @@ def load_pyemotion(
     Raises:
         ModelInterfaceError: the weights can be neither found, downloaded nor loaded.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     cache = _resolve_cache(cache_dir)
     if pkl_path is not None:
@@ -223,13 +222,7 @@ def load_pyemotion(
     )
     model = PyEmotionNet()
     if cached.is_file():
-        try:
-            state = load_file(str(cached))
-        except (SafetensorError, OSError) as exc:
-            raise ModelInterfaceError(
-                f"The cached weights {str(cached)!r} are unreadable ({exc}); delete the file "
-                "to convert them again"
-            ) from exc
+        state = load_cached_weights(cached)
         _load_state(model, state, str(cached))
     else:
         if data is None:

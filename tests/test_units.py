@@ -735,3 +735,19 @@ def test_gradient_strategies_work_under_callers_no_grad(
         sa, sb = plain.state_dict("s"), guarded.state_dict("s")
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), strategy
+
+
+# ====================================================================== weights cache
+def test_unreadable_weights_cache_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from ttaperso.errors import ModelInterfaceError
+    from ttaperso.wheels import load_cached_weights
+
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.ones(2)}, str(good))
+    assert torch.equal(load_cached_weights(good)["w"], torch.ones(2))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00not a safetensors file")
+    with pytest.raises(ModelInterfaceError, match=r"bad\.safetensors.*delete the file"):
+        load_cached_weights(bad)

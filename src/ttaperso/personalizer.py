@@ -280,14 +280,7 @@ class Personalizer:
         outputs: dict[str, ForwardOutput] = {}
         for group in self._chunks(batches):
             out = self._strategy.shared_forward(torch.cat([batches[k] for k in group]))
-            checked = [out.logits.reshape(-1)]
-            if out.features is not None:
-                checked.append(out.features.reshape(-1))
-            if not bool(torch.isfinite(torch.cat(checked)).all()):
-                raise InputError(
-                    "The model produced non-finite logits or features for these frames "
-                    "(extreme input values?); no subject's state was changed"
-                )
+            _check_finite_outputs([out])
             start = 0
             for key in group:
                 n = batches[key].shape[0]
@@ -645,16 +638,18 @@ class Personalizer:
 
 
 def _check_finite_outputs(outputs: Iterable[ForwardOutput]) -> None:
-    """Refuse (changing nothing) when any subject's logits or BN moments are not finite."""
+    """Refuse (changing nothing) when any logits, features or BN moments are not finite."""
     checked: list[Tensor] = []
     for out in outputs:
         checked.append(out.logits.detach().reshape(-1))
+        if out.features is not None:
+            checked.append(out.features.detach().reshape(-1))
         for m, sq in (out.moments or {}).values():
             checked += [m.reshape(-1), sq.reshape(-1)]
     if checked and not bool(torch.isfinite(torch.cat(checked)).all()):
         raise InputError(
-            "The model produced non-finite logits or activation statistics for these frames "
-            "(extreme input values?); no subject's state was changed"
+            "The model produced non-finite logits, features or activation statistics for these "
+            "frames (extreme input values?); no subject's state was changed"
         )
 
 
