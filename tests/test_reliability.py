@@ -284,7 +284,7 @@ def test_malicious_pickle_is_refused_as_a_checkpoint(
     from ttaperso.demo import _load_weights
 
     cache = tmp_path / "cache"
-    cached = fer._safetensors_cache_path(fer._resolve_cache(cache), fer._HDF5_SHA256)
+    cached = fer._safetensors_cache_path(fer.resolve_cache_dir(cache), fer._HDF5_SHA256)
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(payload)
     with pytest.raises(ModelInterfaceError, match="unreadable"):

@@ -66,6 +66,8 @@ class Strategy:
     #: :meth:`~ttaperso.Personalizer.predict_many` runs it once for several subjects' frames
     #: and only :meth:`head` and the rest of the step run per subject.
     shares_model_forward: ClassVar[bool] = False
+    #: whether :meth:`model_forward` also returns the model's features (``out.features``)
+    returns_features: ClassVar[bool] = False
     #: the collapse guard's recovery during the last :meth:`step` (None: no guard or no trip)
     last_guard_event: GuardEvent | None = None
 
@@ -147,6 +149,7 @@ class Strategy:
             trainable=self.trainable(state),
             bn_prior=self.bn_prior(state),
             collect_moments=self.collects_moments(),
+            return_features=self.returns_features,
         )
 
     def head(self, state: SubjectState, frames: Tensor, out: ForwardOutput) -> ForwardOutput:

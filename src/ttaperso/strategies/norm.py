@@ -117,6 +117,7 @@ class NormStrategy(Strategy):
             cls.forward is Strategy.forward
             and cls.model_forward is Strategy.model_forward
             and cls.head is Strategy.head
+            and not self.returns_features  # the batched forward returns logits only
             and not self.trainable(self._initial)
         )
 

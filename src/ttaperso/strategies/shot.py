@@ -70,6 +70,7 @@ class SHOTStrategy(TentStrategy):
     config_class = SHOTConfig  # type: ignore[assignment]
     config: SHOTConfig  # type: ignore[assignment]
     variable_memory = TentStrategy.variable_memory + ("shot.features", "shot.probs")
+    returns_features = True  # the window keeps the admitted frames' features
 
     def __init__(self, config: SHOTConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
         weight, _ = runtime.module.linear_head()  # SHOT needs a features/head split
@@ -82,16 +83,6 @@ class SHOTStrategy(TentStrategy):
         state.memory["shot.features"] = torch.zeros(0, self.feature_dim, dtype=dtype)
         state.memory["shot.probs"] = torch.zeros(0, self.num_classes, dtype=dtype)
         return state
-
-    def forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
-        return self.runtime.forward(
-            state.model_tensors(),
-            frames,
-            trainable=self.trainable(state),
-            bn_prior=self.bn_prior(state),
-            collect_moments=self.collects_moments(),
-            return_features=True,
-        )
 
     def adapt(
         self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor

@@ -65,7 +65,8 @@ class T3AStrategy(Strategy):
 
     config_class = T3AConfig
     config: T3AConfig
-    shares_model_forward = True
+    shares_model_forward = True  # a T3A state owns no model tensor: the frozen forward
+    returns_features = True
     variable_memory = Strategy.variable_memory + ("t3a.supports", "t3a.labels", "t3a.entropy")
 
     def __init__(self, config: T3AConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
@@ -91,10 +92,6 @@ class T3AStrategy(Strategy):
         state.memory["t3a.labels"] = labels[keep].to(torch.int64).clone()
         state.memory["t3a.entropy"] = entropy[keep].clone()
         return state
-
-    def model_forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
-        """The frozen model's features (the same for every subject)."""
-        return self.runtime.forward({}, frames, return_features=True)
 
     def head(self, state: SubjectState, frames: Tensor, out: ForwardOutput) -> ForwardOutput:
         """Logits against the subject's prototypes (T3A's adjusted classifier)."""

@@ -145,7 +145,8 @@ class TTACaPStrategy(Strategy):
     """Per subject: personalised source prototypes, positive/negative caches, gate counts."""
 
     config_class = TTACaPConfig
-    shares_model_forward = True
+    shares_model_forward = True  # caches live in memory; the model part is the frozen forward
+    returns_features = True
     config: TTACaPConfig
     uses_source = "optional"
 
@@ -281,10 +282,6 @@ class TTACaPStrategy(Strategy):
                 raise StateFileError(f"{source}: memory/{key} holds negative counts")
 
     # ------------------------------------------------------------- predict
-    def model_forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
-        """The frozen model's logits and features (the same for every subject)."""
-        return self.runtime.forward({}, frames, return_features=True)
-
     def head(self, state: SubjectState, frames: Tensor, out: ForwardOutput) -> ForwardOutput:
         """Retrieval from the subject's caches and fusion with the frame's features."""
         features = out.features
