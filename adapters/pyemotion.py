@@ -41,12 +41,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ttaperso.cache import ensure_cache_dir, load_cached_weights, save_cached_weights
 from ttaperso.errors import ModelInterfaceError
-from ttaperso.io import atomic_write_bytes
 from ttaperso.model import FERModel
-from ttaperso.wheels import download_wheel, load_cached_weights
-
-from .fer_mini_xception import resolve_cache_dir
+from ttaperso.wheels import download_wheel
 
 __all__ = [
     "PYEMOTION_LABELS",
@@ -148,7 +146,7 @@ def fetch_pyemotion_state(cache_dir: str | Path | None = None) -> dict[str, Tens
     ``weights_only=True``. The wheel is not kept (:func:`load_pyemotion` caches the
     converted tensors instead).
     """
-    cache = resolve_cache_dir(cache_dir)
+    cache = ensure_cache_dir(cache_dir)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".pyemotion-download-") as tmp:
         wheel = _download_wheel(Path(tmp))
         try:
@@ -193,9 +191,7 @@ def load_pyemotion(
     Raises:
         ModelInterfaceError: the weights can be neither found, downloaded nor loaded.
     """
-    from safetensors.torch import save
-
-    cache = resolve_cache_dir(cache_dir)
+    cache = ensure_cache_dir(cache_dir)
     if pkl_path is not None:
         source = Path(pkl_path).expanduser()
         if not source.is_file():
@@ -226,7 +222,7 @@ def load_pyemotion(
             "source_sha256": source_sha,
             "converter_version": _CONVERTER_VERSION,
         }
-        atomic_write_bytes(cached, save(state, metadata=metadata))
+        save_cached_weights(cached, state, metadata)
     model.eval()
     model.requires_grad_(False)
     return model

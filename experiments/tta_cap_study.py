@@ -36,11 +36,10 @@ import torch
 
 import ttaperso
 from ttaperso.adapters.fer_mini_xception import preprocess_gray
-from ttaperso.data import data_root
-from ttaperso.faces import load_gray
 from ttaperso.gates import EntropyGate, PrototypeGate, TemporalGate
-from ttaperso.strategies.tta_cap import gate_admission_counts
 from ttaperso.streams import SubjectStream, read_jaffe, run_protocol
+from ttaperso.streams.data import data_root
+from ttaperso.streams.faces import load_gray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jaffe_protocol import uar  # noqa: E402
@@ -111,7 +110,7 @@ def run_jaffe(
     gates: dict[str, dict[str, int]] = {}
     if strategy == "tta_cap":
         for subject in out:
-            for kind, counts in gate_admission_counts(p, subject).items():
+            for kind, counts in p.inspect(subject).details["gates"].items():
                 total = gates.setdefault(kind, {"admitted": 0, "rejected": 0})
                 for key in total:
                     total[key] += counts[key]

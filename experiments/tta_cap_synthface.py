@@ -27,7 +27,6 @@ from ttaperso.demo import (
     source_sample,
     stream_accuracy,
 )
-from ttaperso.strategies.tta_cap import gate_admission_counts
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "source": {},
@@ -60,7 +59,7 @@ def main() -> None:
         for stream in data.targets:
             per_subject[stream.subject] = stream_accuracy(p, model, stream, DEMO_BATCH)
             if strategy == "tta_cap":
-                gates[stream.subject] = gate_admission_counts(p, stream.subject)
+                gates[stream.subject] = p.inspect(stream.subject).details["gates"]
         results[name] = {"per_subject": per_subject, "gates": gates}
     frozen = {s: r["accuracy"] for s, r in results["source"]["per_subject"].items()}
     lines = [

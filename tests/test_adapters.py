@@ -19,8 +19,8 @@ from ttaperso.adapters.torchvision_models import (
     from_timm,
     from_torchvision,
 )
-from ttaperso.data import data_root
 from ttaperso.errors import ConfigError, ModelInterfaceError
+from ttaperso.streams.data import data_root
 
 # ----------------------------------------------------------------------------- PyEmotion
 

@@ -252,7 +252,7 @@ def _entropy(logits: torch.Tensor) -> float:
 @torch.no_grad()
 def test_clip_autt_tunes_on_the_lowest_entropy_window() -> None:
     model = _tiny_au(seed=6)
-    strategy = ttaperso.Personalizer(model, "clip_autt", window_frames=3)._strategy
+    strategy = ttaperso.Personalizer(model, "clip_autt", window_frames=3).strategy
     z = F.normalize(torch.randn(7, model.clip.embed_dim), dim=1)
     loss = strategy.window_entropy(z, model.au_text)
     frame_logits = model.sequence_logits(z)
@@ -275,7 +275,7 @@ def test_clip_autt_config_validation() -> None:
 
 
 def test_loaded_state_with_too_many_frames_is_refused(tmp_path: Path) -> None:
-    from ttaperso.store import FolderStore
+    from ttaperso.stores import FolderStore
 
     model = _tiny_au()
     p = ttaperso.Personalizer(model, "clip_autt", window_frames=2, memory_frames=3)
@@ -283,7 +283,7 @@ def test_loaded_state_with_too_many_frames_is_refused(tmp_path: Path) -> None:
     state = p.state_dict("A")
     state["memory/clip_autt.features"] = torch.zeros(4, model.clip.embed_dim)
     store = FolderStore(tmp_path)
-    store.write("A", state, p._metadata())
+    store.write("A", state, p.state_metadata())
     with pytest.raises(StateFileError, match="holds 4 frames, more than memory_frames=3"):
         ttaperso.Personalizer(model, "clip_autt", window_frames=2, memory_frames=3).load(store)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import ttaperso
 from ttaperso import InputError, StateFileError
-from ttaperso.store import FolderStore
+from ttaperso.stores import FolderStore
 from ttaperso.strategies.feature_math import (
     centroid_pseudo_labels,
     empirical_fisher_diagonal,
@@ -28,7 +28,7 @@ from ttaperso.strategies.feature_math import (
     t3a_prototypes,
     top_k_indices,
 )
-from ttaperso.strategies.fisher import default_budget, selected_parameters
+from ttaperso.strategies.fisher import default_budget
 
 try:
     from conftest import HEAD, INPUT_SHAPE, LABELS, PersonalizerFactory, target_frames
@@ -202,11 +202,12 @@ def test_fisher_state_size_follows_budget(personalizer_factory: PersonalizerFact
 def test_fisher_changes_only_selected_scalars(personalizer_factory: PersonalizerFactory) -> None:
     p = personalizer_factory("fisher", budget=50)
     _feed(p, "A", calls=6)
-    picked = selected_parameters(p, "A")
+    picked = p.inspect("A").details["selected"]
     assert sum(picked.values()) == 50
     assert set(picked) <= {n for n, _ in p.model.named_parameters()}
-    strategy = p._strategy
-    tensors, names = strategy._model_tensors(p._states["A"])
+    strategy = p.strategy
+    state = ttaperso.strategies.SubjectState.from_flat(p.state_dict("A"))
+    tensors, names = strategy._model_tensors(state)
     changed = 0
     for name, src in p.model.named_parameters():
         if name in names:
@@ -224,11 +225,10 @@ def test_fisher_before_selection_is_norm(personalizer_factory: PersonalizerFacto
     norm = personalizer_factory("norm")
     for x in target_frames(6, seed=3).split(2):
         assert torch.equal(fisher.predict(x, "A").logits, norm.predict(x, "A").logits)
-    assert selected_parameters(fisher, "A") == {}
+    assert fisher.inspect("A").details["selected"] == {}
     with pytest.raises(InputError, match="'nobody'"):
-        selected_parameters(fisher, "nobody")
-    with pytest.raises(InputError, match="running 'fisher'"):
-        selected_parameters(norm, "A")
+        fisher.inspect("nobody")
+    assert "selected" not in norm.inspect("A").details
 
 
 @pytest.mark.parametrize(
@@ -247,7 +247,7 @@ def test_fisher_refuses_bad_indices_on_load(
     state = p.state_dict("S")
     state["memory/fisher.index"] = damage(state["memory/fisher.index"])
     store = FolderStore(tmp_path)
-    store.write("S", state, p._metadata())
+    store.write("S", state, p.state_metadata())
     with pytest.raises(StateFileError, match=pattern):
         personalizer_factory("fisher", budget=32).load(store)
 
@@ -317,10 +317,10 @@ def test_eata_without_source_warns_and_drops_anchor(
     with caplog.at_level(logging.WARNING, logger="ttaperso.strategies.eata"):
         p = personalizer_factory("eata", source=None)
     assert "no Fisher anchor" in caplog.text
-    assert p._strategy.fisher is None
+    assert p.strategy.fisher is None
     with_source = personalizer_factory("eata")
-    fisher = with_source._strategy.fisher
-    assert fisher is not None and set(fisher) == set(with_source._strategy.param_names)
+    fisher = with_source.strategy.fisher
+    assert fisher is not None and set(fisher) == set(with_source.strategy.param_names)
     assert all(bool(torch.isfinite(f).all()) and bool((f >= 0).all()) for f in fisher.values())
     assert any(float(f.sum()) > 0 for f in fisher.values())
 

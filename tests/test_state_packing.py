@@ -65,17 +65,17 @@ def test_states_rest_packed_and_step_unpacked(
     stream = list(target_frames(12, seed=3).split(3))
     for x in stream[:2]:
         assert_same_prediction(p.predict(x, "A"), ref.predict(x, "A"))
-    assert not p._states["A"].is_packed
+    assert not p.inspect("A").at_rest
     p.save(tmp_path)
-    assert p._states["A"].is_packed  # at rest after the save
+    assert p.inspect("A").at_rest  # at rest after the save
     assert states_equal(p.state_dict("A"), ref.state_dict("A"))
     loaded = personalizer_factory(strategy)
     loaded.load(tmp_path)
-    assert loaded._states["A"].is_packed
+    assert loaded.inspect("A").at_rest
     # stepping a packed state (gradient strategies included) gives the same results
     for x in stream[2:]:
         a, b, c = p.predict(x, "A"), ref.predict(x, "A"), loaded.predict(x, "A")
         assert_same_prediction(a, b)
         assert_same_prediction(c, b)
-    assert not p._states["A"].is_packed
+    assert not p.inspect("A").at_rest
     assert states_equal(p.state_dict("A"), ref.state_dict("A"))

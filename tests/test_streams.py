@@ -14,7 +14,6 @@ from PIL import Image
 import ttaperso
 from ttaperso.adapters.fer_mini_xception import FER_LABELS
 from ttaperso.adapters.torch_classifier import TorchClassifier
-from ttaperso.data import data_root
 from ttaperso.errors import ConfigError, InputError
 from ttaperso.streams import (
     UNLABELLED,
@@ -30,6 +29,7 @@ from ttaperso.streams import (
     run_protocol,
     source_data_from_stream,
 )
+from ttaperso.streams.data import data_root
 
 
 def _cv2_with_cascade():  # noqa: ANN202 - the cv2 module

@@ -231,8 +231,8 @@ def test_required_source_sample_missing_is_not_applicable(
     from dataclasses import dataclass
 
     from ttaperso.config import StrategyConfig
-    from ttaperso.strategies import _REGISTRY
     from ttaperso.strategies.base import Strategy
+    from ttaperso.strategies.registry import _REGISTRY
 
     @dataclass(frozen=True)
     class NeedsSourceConfig(StrategyConfig):

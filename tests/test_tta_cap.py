@@ -14,7 +14,7 @@ from torch import nn
 
 import ttaperso
 from ttaperso import ConfigError, InputError, ModelInterfaceError, PrototypeGate
-from ttaperso.gates import EntropyGate, TemporalGate, gate_from_dict
+from ttaperso.gates import EntropyGate, GateBatch, TemporalGate, gate_from_dict
 from ttaperso.strategies.cache_math import (
     cache_insert,
     class_prototypes,
@@ -25,7 +25,7 @@ from ttaperso.strategies.cache_math import (
     unit,
     video_prediction,
 )
-from ttaperso.strategies.tta_cap import TTACaPConfig, gate_admission_counts
+from ttaperso.strategies.tta_cap import TtaCapConfig
 
 try:
     from conftest import HEAD, INPUT_SHAPE, LABELS, PersonalizerFactory, target_frames
@@ -156,12 +156,12 @@ def test_prototype_gate_margin_and_agreement() -> None:
         with pytest.raises(ConfigError, match="`margin` of PrototypeGate"):
             PrototypeGate(margin=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="prototype similarities"):
-        gate.admit({}, torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+        gate.admit({}, GateBatch(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long)))
 
 
 # ------------------------------------------------------------------ strategy
 def test_defaults_are_the_papers() -> None:
-    cfg = TTACaPConfig()
+    cfg = TtaCapConfig()
     assert cfg.gates == (
         TemporalGate(window=3, min_agreement=0.6),
         EntropyGate(max_entropy=0.8),
@@ -170,7 +170,7 @@ def test_defaults_are_the_papers() -> None:
     assert cfg.gates[0].required_votes == 2  # majority of the last 3
     assert (cfg.positive_capacity, cfg.negative_capacity) == (5, 4)
     assert (cfg.positive_entropy, cfg.negative_entropy) == (0.5, 0.8)
-    assert TTACaPConfig.from_dict(cfg.to_dict()) == cfg
+    assert TtaCapConfig.from_dict(cfg.to_dict()) == cfg
 
 
 @pytest.mark.parametrize(
@@ -249,7 +249,7 @@ def test_gate_counts_and_helper(personalizer_factory: PersonalizerFactory) -> No
     p = personalizer_factory("tta_cap", gates=gates)
     for chunk in target_frames(20, seed=7).split(5):
         p.predict(chunk, "A")
-    counts = gate_admission_counts(p, "A")
+    counts = p.inspect("A").details["gates"]
     assert list(counts) == ["temporal", "entropy", "prototype", "all"]
     for kind, c in counts.items():
         assert c["admitted"] + c["rejected"] == 20, kind
@@ -258,16 +258,14 @@ def test_gate_counts_and_helper(personalizer_factory: PersonalizerFactory) -> No
     assert counts["temporal"]["rejected"] >= 1  # the first frame has no majority of 2
     norm = personalizer_factory("norm")
     norm.predict(target_frames(2), "A")
-    with pytest.raises(InputError, match="runs 'norm'"):
-        gate_admission_counts(norm, "A")
+    assert "gates" not in norm.inspect("A").details
 
 
 def test_prototype_gate_refused_by_strategies_without_prototypes(
     personalizer_factory: PersonalizerFactory,
 ) -> None:
-    p = personalizer_factory("norm", gates=[PrototypeGate()])
-    with pytest.raises(ConfigError, match="prototype similarities"):
-        p.predict(target_frames(2), "A")
+    with pytest.raises(ConfigError, match=r"needs \['prototype_scores'\].*'norm'"):
+        personalizer_factory("norm", gates=[PrototypeGate()])
 
 
 def test_personalised_source_picks_closest_subject_by_frechet(model: nn.Module) -> None:
@@ -290,17 +288,17 @@ def test_personalised_source_picks_closest_subject_by_frechet(model: nn.Module) 
         source_subjects=1,
         calibration_frames=8,
     )
-    strategy = p._strategy
+    strategy = p.strategy
     for twin, scale, shift in (("bright", 2.5, 1.5), ("dark", -0.5, -1.0), ("plain", 1.0, 0.0)):
         target = torch.randn(8, *INPUT_SHAPE, generator=g) * scale + shift
         subject = f"target-{twin}"
         p.predict(target[:5], subject)
-        assert strategy.chosen_source_subjects(p._states[subject]) == []  # not calibrated yet
+        assert p.inspect(subject).details["source_subjects"] == []  # not calibrated yet
         p.predict(target[5:], subject)
-        assert strategy.chosen_source_subjects(p._states[subject]) == [twin]
+        assert p.inspect(subject).details["source_subjects"] == [twin]
         # the choice is the Frechet-closest subject, computed independently here
         with torch.no_grad():
-            z = unit(p._runtime.forward({}, target, return_features=True).features)
+            z = unit(p.strategy.runtime.forward({}, target, return_features=True).features)
         d = {
             s: float(
                 frechet_diagonal(
@@ -322,7 +320,7 @@ def test_personalised_source_picks_closest_subject_by_frechet(model: nn.Module) 
 def test_without_source_uses_head_rows(model: nn.Module) -> None:
     p = ttaperso.Personalizer(model, "tta_cap", labels=LABELS, input_shape=INPUT_SHAPE, head=HEAD)
     weight = model[8].weight.detach()
-    assert torch.allclose(p._strategy.sample_prototypes, unit(weight))
+    assert torch.allclose(p.strategy.sample_prototypes, unit(weight))
     out = p.predict(target_frames(4), "A")
     assert out.logits.shape == (4, len(LABELS))
     assert torch.allclose(p.state_dict("A")["memory/cap.src_protos"], unit(weight))
@@ -339,11 +337,11 @@ def test_unlabelled_source_uses_frozen_predictions(model: nn.Module) -> None:
         source=ttaperso.SourceData(x),
     )
     with torch.no_grad():
-        out = p._runtime.forward({}, x, return_features=True)
+        out = p.strategy.runtime.forward({}, x, return_features=True)
     logits, feats = out.logits, out.features
     protos, counts = class_prototypes(feats, logits.argmax(1), len(LABELS))
     expected = torch.where((counts > 0)[:, None], protos, unit(model[8].weight.detach()))
-    assert torch.allclose(p._strategy.sample_prototypes, expected, atol=1e-6)
+    assert torch.allclose(p.strategy.sample_prototypes, expected, atol=1e-6)
 
 
 def test_needs_a_linear_head(model: nn.Module) -> None:

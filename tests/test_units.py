@@ -18,9 +18,10 @@ from torch import Tensor, nn
 import ttaperso
 from ttaperso import ConfigError, EntropyGate, TemporalGate
 from ttaperso.functional import mix_moments, normalized_entropy, softmax_entropy, window_majority
-from ttaperso.gates import Gate, gate_from_dict, list_gates, smooth_probs
+from ttaperso.gates import Gate, GateBatch, gate_from_dict, list_gates
 from ttaperso.norm_layers import NormControl, SubjectBatchNorm
-from ttaperso.store import FolderStore, subject_filename
+from ttaperso.smoothing import smooth_probs
+from ttaperso.stores import FolderStore, subject_filename
 from ttaperso.strategies import get_config_class
 
 try:
@@ -135,7 +136,7 @@ def _logits_for(labels: list[int], num_classes: int = 4) -> tuple[Tensor, Tensor
 
 def _admit(gate: Gate, memory: dict[str, Tensor], labels: list[int]) -> list[bool]:
     logits, lab = _logits_for(labels)
-    return gate.admit(memory, logits, lab).tolist()
+    return gate.admit(memory, GateBatch(logits, lab)).tolist()
 
 
 def test_temporal_gate_warm_up_steady_and_change() -> None:
@@ -205,11 +206,11 @@ def test_entropy_gate_thresholds_scale_with_ln_c(num_classes: int) -> None:
     below = _logits_with_entropy(num_classes, threshold * 0.95)
     above = _logits_with_entropy(num_classes, threshold * 1.05)
     logits = torch.cat([below, above])
-    admitted = gate.admit({}, logits, logits.argmax(1))
+    admitted = gate.admit({}, GateBatch(logits, logits.argmax(1)))
     assert admitted.tolist() == [True, False]
     # The same absolute entropy (0.5 nats) is confident for 7 classes, not for 2.
     half_nat = _logits_with_entropy(num_classes, 0.5)
-    assert gate.admit({}, half_nat, half_nat.argmax(1)).tolist() == [num_classes == 7]
+    assert gate.admit({}, GateBatch(half_nat, half_nat.argmax(1))).tolist() == [num_classes == 7]
 
 
 def test_entropy_gate_band_and_validation() -> None:
@@ -217,7 +218,7 @@ def test_entropy_gate_band_and_validation() -> None:
     c = 4
     rows = [_logits_with_entropy(c, f * math.log(c)) for f in (0.1, 0.5, 0.95)]
     logits = torch.cat(rows)
-    assert gate.admit({}, logits, logits.argmax(1)).tolist() == [False, True, False]
+    assert gate.admit({}, GateBatch(logits, logits.argmax(1))).tolist() == [False, True, False]
     assert gate.init_memory(c) == {}
     with pytest.raises(ConfigError, match=r"`max_entropy`.*got 1\.5"):
         EntropyGate(max_entropy=1.5)
@@ -320,7 +321,7 @@ def test_config_unknown_keys(strategy: str) -> None:
 
 
 def test_config_types_and_ranges() -> None:
-    from ttaperso import NormConfig, SARConfig, TentConfig
+    from ttaperso import NormConfig, SarConfig, TentConfig
 
     assert TentConfig(lr=1).lr == 1.0 and isinstance(TentConfig(lr=1).lr, float)
     with pytest.raises(ConfigError, match=r"`optimizer`.*\['adam', 'sgd'\] but got 'rmsprop'"):
@@ -330,11 +331,11 @@ def test_config_types_and_ranges() -> None:
     with pytest.raises(ConfigError, match=r"`max_frames`.*at least `source_prior`"):
         NormConfig(source_prior=100.0, max_frames=10)
     with pytest.raises(ConfigError, match=r"`reset_threshold`.*got 1\.0"):
-        SARConfig(reset_threshold=1.0)
+        SarConfig(reset_threshold=1.0)
     with pytest.raises(ConfigError, match=r"`margin`.*got 0\.0"):
-        SARConfig(margin=0.0)
+        SarConfig(margin=0.0)
     with pytest.raises(ConfigError, match=r"`momentum`.*got 1\.0"):
-        SARConfig(momentum=1.0)
+        SarConfig(momentum=1.0)
     assert TentConfig().gates == (EntropyGate(max_entropy=0.4),)
 
 
@@ -561,9 +562,9 @@ def test_sar_recovery_really_resets(
 ) -> None:
     """EMA below the threshold: params/moments/stats back to source, resets += 1, fresh EMA."""
     p = personalizer_factory("sar", reset_threshold=0.999)
-    strategy = p._strategy
+    strategy = p.strategy
     source_params = {f"params/{k}": v.clone() for k, v in strategy.initial_state().params.items()}
-    source_state = p._strategy.initial_state().flat()
+    source_state = p.strategy.initial_state().flat()
 
     second_pass: list[Tensor] = []
     ema_at_recovery: list[float] = []
@@ -635,7 +636,7 @@ def test_tent_update_every_takes_one_step_per_k_frames(
     personalizer_factory: PersonalizerFactory,
 ) -> None:
     p = personalizer_factory("tent", update_every=4, optimizer="adam")
-    source = p._strategy.initial_state().flat()
+    source = p.strategy.initial_state().flat()
     frames = target_frames(12, seed=90)
 
     def steps() -> set[float]:
@@ -666,13 +667,13 @@ def test_tent_update_every_takes_one_step_per_k_frames(
     p.predict(frames[6:11], "A")
     assert steps() == {2.0}
     assert float(p.state_dict("A")["memory/tent.pending"]) == 0.0
-    assert len([k for k in state if k.endswith("/step")]) == len(p._strategy.param_names)
+    assert len([k for k in state if k.endswith("/step")]) == len(p.strategy.param_names)
 
 
 def test_tent_gates_block_updates(personalizer_factory: PersonalizerFactory) -> None:
     """With the default entropy gate the near-uniform tiny model never updates."""
     p = personalizer_factory("tent", adapt=False, update_every=1)
-    source = p._strategy.initial_state().flat()
+    source = p.strategy.initial_state().flat()
     for frames in target_frames(6, seed=91).split(2):
         assert not p.predict(frames, "A").updated.any()
     assert states_equal(p.state_dict("A"), source)
@@ -741,8 +742,8 @@ def test_gradient_strategies_work_under_callers_no_grad(
 def test_unreadable_weights_cache_names_the_file_and_the_fix(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
+    from ttaperso.cache import load_cached_weights
     from ttaperso.errors import ModelInterfaceError
-    from ttaperso.wheels import load_cached_weights
 
     good = tmp_path / "good.safetensors"
     save_file({"w": torch.ones(2)}, str(good))

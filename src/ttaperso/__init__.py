@@ -6,14 +6,14 @@ out = p.predict(frames, subject="patient-017")
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .audit import AuditLog
 from .config import StrategyConfig
 from .errors import (
     ConfigError,
     InputError,
     ModelInterfaceError,
+    StaleStateError,
     StateFileError,
     TTAPersoError,
 )
@@ -23,17 +23,24 @@ from .model import FERModel
 from .models import list_models, load_model
 from .personalizer import Personalizer, Prediction
 from .source_data import SourceData
-from .store import FolderStore, StateStore
+from .stores import FolderStore, StateStore
 from .strategies import (
+    ClipAuttConfig,
+    EataConfig,
+    FisherConfig,
     NormConfig,
-    SARConfig,
+    SarConfig,
+    ShotConfig,
     SourceConfig,
+    T3aConfig,
     TentConfig,
+    TtaCapConfig,
     list_strategies,
     register_strategy,
 )
 
 __all__ = [
+    "__version__",
     "Personalizer",
     "Prediction",
     "FERModel",
@@ -46,7 +53,13 @@ __all__ = [
     "SourceConfig",
     "NormConfig",
     "TentConfig",
-    "SARConfig",
+    "SarConfig",
+    "EataConfig",
+    "FisherConfig",
+    "T3aConfig",
+    "ShotConfig",
+    "TtaCapConfig",
+    "ClipAuttConfig",
     "Gate",
     "TemporalGate",
     "EntropyGate",
@@ -60,4 +73,14 @@ __all__ = [
     "ConfigError",
     "ModelInterfaceError",
     "StateFileError",
+    "StaleStateError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Names documented before 0.2 (SarConfig, TtaCapConfig) warn and resolve.
+    from . import strategies
+
+    if name in strategies.DEPRECATED_NAMES:
+        return getattr(strategies, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, StateFileError
-from .store import subject_filename
+from .stores import subject_filename
 
 __all__ = ["AuditLog", "AuditReport", "verify", "verify_file", "GENESIS"]
 

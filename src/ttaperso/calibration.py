@@ -8,8 +8,10 @@ step): the estimate becomes a mixture, weighted in frames, of the source statist
 camera, lighting and face-shape part of the subject's shift is then corrected from the
 first frame of the session instead of after a few dozen.
 
-Strategies opt in through the :meth:`~ttaperso.strategies.base.Strategy.calibrate` hook;
-the base class refuses with a clear error. When the strategy has a collapse guard with
+Strategies opt in through the :meth:`~ttaperso.strategies.base.Strategy.calibrate` hook
+(``calibrates_statistics``; the BN-statistics strategies share
+:meth:`~ttaperso.strategies.norm.NormStrategy.calibrate_statistics`); the base class
+refuses with a clear error. When the strategy has a collapse guard with
 snapshot recovery, the calibrated state becomes the guard's last good snapshot, so a
 recovery returns to the calibrated baseline rather than to before it.
 
@@ -26,66 +28,16 @@ still use the model's own logits.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from .errors import ConfigError, InputError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .state import SubjectState
-    from .strategies.norm import NormStrategy
-
-__all__ = ["calibrate_bn_statistics", "neutral_logit_offset", "refresh_guard_snapshot"]
+__all__ = ["DEFAULT_MARGIN", "neutral_logit_offset"]
 
 #: default margin (in logits, i.e. nats of probability ratio) by which the neutral class
 #: should lead on the neutral recording after the offset; fixed a priori, not tuned
 DEFAULT_MARGIN = 1.0
-
-
-@torch.no_grad()
-def calibrate_bn_statistics(strategy: NormStrategy, state: SubjectState, frames: Tensor) -> None:
-    """Fold ``frames``' per-layer BN moments into ``state``'s statistics (all frames admitted).
-
-    The forward normalises with the subject's current estimate mixed with the batch (the
-    same mixture a prediction uses), so deeper layers see the moments they will see at
-    prediction time. Raises before any write when the strategy keeps no running estimate
-    (``accumulate=False``) or the model produces non-finite values.
-    """
-    if "norm.count" not in state.memory:
-        raise ConfigError(
-            f"Strategy {strategy.config.strategy_name!r} with accumulate=False keeps no "
-            "per-subject BN statistics: neutral-baseline calibration needs accumulate=True"
-        )
-    out = strategy.runtime.forward(
-        state.model_tensors(),
-        frames,
-        bn_prior=strategy.bn_prior(state),
-        collect_moments=True,
-    )
-    moments_ok = out.moments is not None and all(
-        bool(torch.isfinite(m).all() and torch.isfinite(sq).all()) for m, sq in out.moments.values()
-    )
-    if not moments_ok or not bool(torch.isfinite(out.logits).all()):
-        raise InputError(
-            "The model produced non-finite activations for the neutral frames; the subject's "
-            "state was not changed"
-        )
-    admitted = torch.ones(frames.shape[0], dtype=torch.bool)
-    strategy.update_statistics(state, out, admitted)
-    refresh_guard_snapshot(state)
-
-
-def refresh_guard_snapshot(state: SubjectState) -> None:
-    """Make the current parameters and buffers the collapse guard's snapshots (if it keeps any)."""
-    current = {f"params/{k}": v for k, v in state.params.items()}
-    current.update({f"buffers/{k}": v for k, v in state.buffers.items()})
-    for prefix in ("guard.good/", "guard.cand/"):
-        for key, value in current.items():
-            slot = state.memory.get(prefix + key)
-            if slot is not None:
-                slot.copy_(value)
 
 
 def neutral_logit_offset(logits: Tensor, neutral: int, margin: float = DEFAULT_MARGIN) -> Tensor:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .errors import TTAPersoError
 
 __all__ = ["main", "build_parser"]
@@ -179,7 +179,7 @@ def _cmd_models() -> None:
 def _cmd_audit_verify(folder: str, states: str | None) -> int:
     """Print one line per subject log; return 0 when every chain (and state) checks out."""
     from .audit import AuditLog, verify
-    from .store import FolderStore
+    from .stores import FolderStore
 
     reports = verify(folder)
     store = FolderStore(states) if states else None

@@ -25,7 +25,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,8 +36,8 @@ from torch import Tensor, nn
 
 from . import synthface
 from .adapters.torch_classifier import TorchClassifier
-from .errors import TTAPersoError
-from .io import atomic_write_bytes
+from .cache import cache_root, load_cached_weights, save_cached_weights
+from .errors import ModelInterfaceError, TTAPersoError
 from .model import FERModel
 from .personalizer import Personalizer
 from .source_data import SourceData
@@ -208,13 +207,8 @@ def source_sample(model: FERModel, train: list[SubjectStream], per_subject: int)
 
 # ------------------------------------------------------------------------------ cache
 def cache_dir() -> Path:
-    """Folder of the demo's cached weights: ``$TTAPERSO_CACHE/demo`` or ``~/.cache/ttaperso/demo``."""
-    root = os.environ.get("TTAPERSO_CACHE")
-    if root:
-        return Path(root).expanduser() / "demo"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "ttaperso" / "demo"
+    """Folder of the demo's cached weights: ``demo/`` in the weights cache (:mod:`ttaperso.cache`)."""
+    return cache_root() / "demo"
 
 
 def _code_digest() -> str:
@@ -247,22 +241,17 @@ def _cache_key(model: nn.Module, plan: DemoPlan, seed: int) -> str:
 
 
 def _save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    """Write the state dict as safetensors atomically (see :func:`ttaperso.io.atomic_write_bytes`)."""
-    from safetensors.torch import save
-
+    """Write the state dict to the cache atomically (:func:`ttaperso.cache.save_cached_weights`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    save_cached_weights(path, tensors, metadata)
 
 
 def _load_weights(model: nn.Module, path: Path) -> bool:
     """Load cached weights into ``model``; False (and a warning) if the file is unusable."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
-        model.load_state_dict(load_file(str(path)), strict=True)
-    except (OSError, RuntimeError, SafetensorError) as exc:
+        model.load_state_dict(load_cached_weights(path), strict=True)
+    except (ModelInterfaceError, RuntimeError) as exc:
         log.warning("Ignoring unusable cached weights %s (%s); retraining", path, exc)
         return False
     return True

@@ -26,3 +26,11 @@ class ModelInterfaceError(TTAPersoError, ValueError):
 
 class StateFileError(TTAPersoError, ValueError):
     """A saved subject state is corrupt, foreign or incompatible with this Personalizer."""
+
+
+class StaleStateError(StateFileError):
+    """A write was refused because the stored state is newer than the one the writer holds.
+
+    Raised by a store's compare-and-set write (``expected_version``): another writer saved
+    this subject since this one last read or wrote it; nothing was overwritten.
+    """

@@ -1,4 +1,4 @@
-"""Temporal-consistency gates and output smoothing.
+"""Temporal-consistency gates: which frames may update a subject's state.
 
 A gate decides, per frame, whether that frame may update a subject's state. Gates are
 small frozen config objects; whatever they remember (the recent predictions) lives in the
@@ -6,8 +6,8 @@ subject's state under ``memory/gate<i>.<kind>.*``, so it is saved, restored and 
 the subject and never shared between subjects. A strategy's gates are combined with AND;
 every gate sees every frame (the temporal history records rejected frames too).
 
-Output smoothing (averaging the probabilities over the last few frames) is separate: it
-changes what ``predict`` returns, not what adapts.
+Output smoothing (averaging the probabilities over the last few frames) is separate
+(:mod:`ttaperso.smoothing`): it changes what ``predict`` returns, not what adapts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -25,30 +25,56 @@ from .errors import ConfigError
 from .functional import normalized_entropy
 
 __all__ = [
+    "PROTOTYPE_SCORES",
     "Gate",
+    "GateBatch",
     "TemporalGate",
     "EntropyGate",
     "PrototypeGate",
     "gate_from_dict",
     "list_gates",
-    "smooth_probs",
 ]
+
+
+#: ``GateBatch.extras`` key of ``(N, C)`` cosine similarities of each frame's feature to
+#: the subject's class prototypes (computed by strategies that keep prototypes: ``tta_cap``)
+PROTOTYPE_SCORES = "prototype_scores"
+
+
+@dataclass(frozen=True)
+class GateBatch:
+    """What the gates see of one call's frames (built per call: nothing is shared).
+
+    Attributes:
+        logits: ``(N, C)`` detached logits as predicted (calibration offset included).
+        labels: ``(N,)`` predicted classes (CPU).
+        features: ``(N, D)`` detached features when the strategy's forward returns them.
+        extras: per-frame values the strategy's head computed (see ``Strategy.provides``),
+            e.g. :data:`PROTOTYPE_SCORES`.
+    """
+
+    logits: Tensor
+    labels: Tensor
+    features: Tensor | None = None
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Gate:
     """Base class: admit every frame. Subclasses override :meth:`admit` and, when they
-    remember something, :meth:`init_memory`."""
+    remember something, :meth:`init_memory`; ``requires`` names the
+    :attr:`GateBatch.extras` they read (checked against the strategy when it is built)."""
 
     kind: ClassVar[str] = "gate"
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def init_memory(self, num_classes: int) -> dict[str, Tensor]:
         """Initial memory of this gate for one subject (keys without the gate prefix)."""
         return {}
 
-    def admit(self, memory: dict[str, Tensor], logits: Tensor, labels: Tensor) -> Tensor:
+    def admit(self, memory: dict[str, Tensor], batch: GateBatch) -> Tensor:
         """Boolean mask ``(N,)`` of the frames that may update the state; updates ``memory``."""
-        return torch.ones(labels.shape[0], dtype=torch.bool)
+        return torch.ones(batch.labels.shape[0], dtype=torch.bool)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe description, inverse of :func:`gate_from_dict`."""
@@ -90,10 +116,10 @@ class TemporalGate(Gate):
     def init_memory(self, num_classes: int) -> dict[str, Tensor]:
         return {"history": torch.full((self.window,), -1, dtype=torch.int64)}
 
-    def admit(self, memory: dict[str, Tensor], logits: Tensor, labels: Tensor) -> Tensor:
+    def admit(self, memory: dict[str, Tensor], batch: GateBatch) -> Tensor:
         history = memory["history"].tolist()
         admitted: list[bool] = []
-        for label in labels.tolist():
+        for label in batch.labels.tolist():
             history = history[1:] + [label]
             votes = Counter(h for h in history if h >= 0)
             top = max(votes.values())
@@ -132,8 +158,8 @@ class EntropyGate(Gate):
                 f"{self.min_entropy!r} >= {self.max_entropy!r}"
             )
 
-    def admit(self, memory: dict[str, Tensor], logits: Tensor, labels: Tensor) -> Tensor:
-        h = normalized_entropy(logits.detach().float())
+    def admit(self, memory: dict[str, Tensor], batch: GateBatch) -> Tensor:
+        h = normalized_entropy(batch.logits.detach().float())
         return (h >= self.min_entropy) & (h < self.max_entropy)
 
 
@@ -144,14 +170,16 @@ class PrototypeGate(Gate):
     TTA-CaP's prototype-consistency gate: the class whose prototype is most similar (cosine)
     to the frame's feature must be the predicted class, ahead of the second most similar
     prototype by more than ``margin``. The similarities come from a strategy that keeps
-    prototypes (``tta_cap``'s personalised source prototypes), which calls
-    :meth:`admit_scores`; the generic :meth:`admit` sees only logits and refuses.
+    prototypes (``tta_cap``'s personalised source prototypes) in the call's
+    :attr:`GateBatch.extras` under :data:`PROTOTYPE_SCORES`; a strategy that computes none
+    is refused when it is built.
 
     Args:
         margin: minimum cosine gap between the best and second-best prototype.
     """
 
     kind: ClassVar[str] = "prototype"
+    requires: ClassVar[frozenset[str]] = frozenset({PROTOTYPE_SCORES})
     margin: float = 0.05
 
     def __post_init__(self) -> None:
@@ -162,11 +190,14 @@ class PrototypeGate(Gate):
                 f"but got {value!r}"
             )
 
-    def admit(self, memory: dict[str, Tensor], logits: Tensor, labels: Tensor) -> Tensor:
-        raise ConfigError(
-            "PrototypeGate needs prototype similarities, which only a strategy with class "
-            "prototypes (tta_cap) supplies; remove it from this strategy's gates"
-        )
+    def admit(self, memory: dict[str, Tensor], batch: GateBatch) -> Tensor:
+        scores = batch.extras.get(PROTOTYPE_SCORES)
+        if scores is None:  # the strategy check at build time makes this unreachable
+            raise ConfigError(
+                "PrototypeGate needs prototype similarities, which only a strategy with class "
+                "prototypes (tta_cap) supplies; remove it from this strategy's gates"
+            )
+        return self.admit_scores(scores, batch.labels)
 
     def admit_scores(self, scores: Tensor, labels: Tensor) -> Tensor:
         """Mask ``(N,)`` from prototype similarities ``scores (N, C)`` and predictions."""
@@ -209,22 +240,3 @@ def gate_from_dict(spec: Mapping[str, Any] | Gate) -> Gate:
             f"Unknown option(s) {unknown} for gate {kind!r}; valid options: {', '.join(valid)}"
         )
     return cls(**options)
-
-
-def smooth_probs(memory: dict[str, Tensor], probs: Tensor, window: int) -> Tensor:
-    """Average each frame's probabilities with the previous ``window - 1`` frames' (in order).
-
-    ``memory`` holds the last ``window - 1`` probability rows (``smooth.probs``) of the
-    subject; it is updated in place.
-    """
-    if window <= 1:
-        return probs
-    past = memory["smooth.probs"]
-    sequence = torch.cat([past.to(probs.dtype), probs], dim=0)
-    n_past = past.shape[0]
-    out = torch.empty_like(probs)
-    for i in range(probs.shape[0]):
-        end = n_past + i + 1
-        out[i] = sequence[max(0, end - window) : end].mean(dim=0)
-    memory["smooth.probs"] = sequence[-(window - 1) :].detach().clone()
-    return out

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -48,7 +48,6 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .state import SubjectState
-    from .strategies.base import Strategy
 
 __all__ = [
     "CollapseGuard",
@@ -58,6 +57,8 @@ __all__ = [
     "CAUSE_DOMINANCE",
     "CAUSE_DIVERGENCE",
     "cause_names",
+    "GuardHost",
+    "refresh_snapshots",
 ]
 
 #: cause bits recorded in ``memory/guard.last_cause``
@@ -68,6 +69,20 @@ _CAUSES = {CAUSE_ENTROPY: "entropy", CAUSE_DOMINANCE: "dominance", CAUSE_DIVERGE
 _PREFIX = "guard."
 _GOOD = "guard.good/"
 _CANDIDATE = "guard.cand/"
+
+
+class GuardHost(Protocol):
+    """What the guard needs of the strategy it watches (a :class:`~ttaperso.strategies.Strategy`)."""
+
+    num_classes: int
+
+    def frozen_logits(self, frames: Tensor) -> Tensor:
+        """Logits of the unadapted model for ``frames``."""
+        ...
+
+    def initial_state(self) -> SubjectState:
+        """A fresh subject's state."""
+        ...
 
 
 def cause_names(bits: int) -> list[str]:
@@ -190,6 +205,16 @@ class CollapseGuard:
                     memory[prefix + key] = value.detach().clone()
         return memory
 
+    def describe(self, state: SubjectState) -> dict[str, Any]:
+        """JSON-safe counters of the guard in ``state`` (for ``Personalizer.inspect``)."""
+        memory = state.memory
+        return {
+            "trips": int(memory["guard.trips"]),
+            "last_cause": cause_names(int(memory["guard.last_cause"])),
+            "last_trip_frame": int(memory["guard.last_trip_frame"]),
+            "frames": int(memory["guard.frames"]),
+        }
+
     # ---------------------------------------------------------------- checking
     def signals_of(self, adapted: Tensor, frozen: Tensor) -> dict[str, float]:
         """The three signals over paired probability rows ``(n, C)`` (pure function)."""
@@ -234,7 +259,7 @@ class CollapseGuard:
 
     @torch.no_grad()
     def observe(
-        self, strategy: Strategy, state: SubjectState, frames: Tensor, logits: Tensor
+        self, strategy: GuardHost, state: SubjectState, frames: Tensor, logits: Tensor
     ) -> GuardEvent | None:
         """Account for one predict call; check and recover when a check is due.
 
@@ -249,7 +274,7 @@ class CollapseGuard:
             return None
         memory["guard.since"].zero_()
         take = min(self.sample, n)
-        frozen = strategy.runtime.forward({}, frames[n - take :]).logits.float().softmax(1).cpu()
+        frozen = strategy.frozen_logits(frames[n - take :]).float().softmax(1).cpu()
         adapted = logits[n - take :].float().softmax(1).cpu()
         if not bool(torch.isfinite(frozen).all()):
             return None  # the source model overflowed on these frames: no evidence either way
@@ -283,7 +308,7 @@ class CollapseGuard:
             state.memory[_CANDIDATE + key].copy_(current[key])
 
     def _recover(
-        self, strategy: Strategy, state: SubjectState, bits: int, signals: dict[str, float]
+        self, strategy: GuardHost, state: SubjectState, bits: int, signals: dict[str, float]
     ) -> GuardEvent:
         fresh = strategy.initial_state()
         restored = "source"
@@ -326,6 +351,20 @@ class CollapseGuard:
             recovered_to=restored,
             signals=signals,
         )
+
+
+def refresh_snapshots(state: SubjectState) -> None:
+    """Make the current parameters and buffers the guard's snapshots (if it keeps any).
+
+    Called after a deliberate change of the subject's baseline (neutral-baseline
+    calibration), so that a recovery returns to the new baseline rather than to before it.
+    """
+    current = _model_tensors(state)
+    for prefix in (_GOOD, _CANDIDATE):
+        for key, value in current.items():
+            slot = state.memory.get(prefix + key)
+            if slot is not None:
+                slot.copy_(value)
 
 
 def _model_tensors(state: SubjectState) -> dict[str, Tensor]:

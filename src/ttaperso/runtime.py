@@ -8,7 +8,7 @@ import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -36,13 +36,17 @@ class ForwardOutput:
 
     ``leaves`` are the trainable tensors (views of the subject's parameters with
     ``requires_grad``) the logits depend on; ``moments`` the per-sample BN moments when
-    they were collected.
+    they were collected; ``extras`` per-frame values a strategy's :meth:`head` computes
+    for its gates or update in the same call (``(N, ...)`` tensors, e.g. ``tta_cap``'s
+    prototype similarities under :data:`~ttaperso.gates.PROTOTYPE_SCORES`). Everything a
+    call computes travels in its own output, never on the shared strategy object.
     """
 
     logits: Tensor
-    features: Tensor | None
-    leaves: dict[str, Tensor]
-    moments: dict[str, tuple[Tensor, Tensor]] | None
+    features: Tensor | None = None
+    leaves: dict[str, Tensor] = field(default_factory=dict)
+    moments: dict[str, tuple[Tensor, Tensor]] | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 class ModelRuntime:

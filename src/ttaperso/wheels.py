@@ -1,5 +1,4 @@
-"""Fetching a model's weights from a PyPI wheel (the only network access ttaperso makes),
-and reading the safetensors cache the adapters convert them into."""
+"""Fetching a model's weights from a PyPI wheel (the only network access ttaperso makes)."""
 
 from __future__ import annotations
 
@@ -7,11 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from torch import Tensor
-
 from .errors import ModelInterfaceError
 
-__all__ = ["download_wheel", "load_cached_weights"]
+__all__ = ["download_wheel"]
 
 #: pip gets this long to fetch a wheel before the download is reported as failed
 PIP_TIMEOUT_S = 600
@@ -50,21 +47,3 @@ def download_wheel(project: str, version: str, dest: Path, wheel_glob: str, advi
             f"`pip download {requirement}` left no wheel in {str(dest)!r}. {advice}"
         )
     return wheels[0]
-
-
-def load_cached_weights(cached: Path) -> dict[str, Tensor]:
-    """Read converted weights from the safetensors cache (tensors only: cannot run code).
-
-    An unreadable file raises :class:`~ttaperso.errors.ModelInterfaceError` naming it and
-    the fix (delete it so that the weights are converted again).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(cached))
-    except (SafetensorError, OSError) as exc:
-        raise ModelInterfaceError(
-            f"The cached weights {str(cached)!r} are unreadable ({exc}); delete the file "
-            "to convert them again"
-        ) from exc

@@ -79,7 +79,7 @@ def _child(
     model_name: str, strategy: str, counts: list[int], overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     from ..personalizer import Personalizer
-    from ..store import FolderStore
+    from ..stores import FolderStore
     from .models import bench_models
 
     torch.set_num_threads(1)

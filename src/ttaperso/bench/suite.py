@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import __version__
+from .._version import __version__
 from ..personalizer import Personalizer
 from ..strategies import list_strategies
 from .memory import measure_in_subprocess, state_footprint
@@ -367,7 +367,7 @@ def _many_subjects(
         row: dict[str, Any] = {"model": bm.name, "strategy": name, "subjects": n}
         try:
             p = _personalizer_variant(bm, name)()
-            shared = p._strategy.shares_model_forward
+            shared = p.strategy.shares_model_forward
             tick = {s: frames[i : i + 1] for i, s in enumerate(ids)}
             p.predict_many(tick)  # creates the subjects (and warms up)
         except Exception as exc:  # noqa: BLE001

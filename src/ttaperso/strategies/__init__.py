@@ -1,97 +1,108 @@
-"""Strategy registry: ``list_strategies()``, ``register_strategy``, ``make_config``.
+"""Strategies: the registry, the built-ins, and everything a strategy author needs.
 
-A strategy is a config dataclass (subclass of :class:`~ttaperso.config.StrategyConfig`,
-with a ``strategy_name``) plus a :class:`~ttaperso.strategies.base.Strategy` subclass.
+Write a strategy (``docs/write-a-strategy.md``)::
+
+    from ttaperso.strategies import Strategy, StrategyConfig, SubjectState, register_strategy
+
+A strategy is a config dataclass (a :class:`StrategyConfig` subclass with a
+``strategy_name``) plus a :class:`Strategy` subclass registered with
+:func:`register_strategy`; the base class documents its class variables and hooks.
+Built-ins register themselves in their own modules. Config and class names are the
+registry name in CapWords (``tta_cap`` -> ``TtaCapConfig``, ``TtaCapStrategy``).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ..config import StrategyConfig
-from ..errors import ConfigError
-from .base import StepResult, Strategy
+from ..functional import normalized_entropy, softmax_entropy
+from ..gates import PROTOTYPE_SCORES, Gate, GateBatch
+from ..runtime import ForwardOutput, ModelRuntime
+from ..source_data import SourceData
+from ..state import SubjectState
+from .base import CALIBRATION_OFFSET, OptimizerFactory, StepResult, Strategy, optimizer_step
+
+# Built-ins, each registered where it is defined (importing the module registers it).
 from .clip_autt import ClipAuttConfig, ClipAuttStrategy
-from .eata import EATAConfig, EATAStrategy
+from .eata import EataConfig, EataStrategy
 from .fisher import FisherConfig, FisherStrategy
-from .norm import NormConfig, NormStrategy
-from .sar import SARConfig, SARStrategy
-from .shot import SHOTConfig, SHOTStrategy
+from .norm import GradientNormConfig, NormConfig, NormStrategy
+from .registry import (
+    build_strategy,
+    get_config_class,
+    get_strategy_class,
+    list_strategies,
+    make_config,
+    register_strategy,
+)
+from .sar import SarConfig, SarStrategy
+from .shot import ShotConfig, ShotStrategy
 from .source import SourceConfig, SourceStrategy
-from .t3a import T3AConfig, T3AStrategy
+from .t3a import T3aConfig, T3aStrategy
 from .tent import TentConfig, TentStrategy
-from .tta_cap import TTACaPConfig, TTACaPStrategy
+from .tta_cap import TtaCapConfig, TtaCapStrategy
 
 __all__ = [
-    "Strategy",
+    # authoring surface
+    "CALIBRATION_OFFSET",
+    "PROTOTYPE_SCORES",
+    "ForwardOutput",
+    "Gate",
+    "GateBatch",
+    "GradientNormConfig",
+    "ModelRuntime",
+    "NormStrategy",
+    "OptimizerFactory",
+    "SourceData",
     "StepResult",
-    "register_strategy",
-    "list_strategies",
+    "Strategy",
+    "StrategyConfig",
+    "SubjectState",
+    "normalized_entropy",
+    "optimizer_step",
+    "softmax_entropy",
+    # registry
+    "build_strategy",
     "get_config_class",
+    "get_strategy_class",
+    "list_strategies",
     "make_config",
-    "SourceConfig",
-    "NormConfig",
-    "TentConfig",
-    "SARConfig",
+    "register_strategy",
+    # built-ins
     "ClipAuttConfig",
+    "ClipAuttStrategy",
+    "EataConfig",
+    "EataStrategy",
     "FisherConfig",
-    "EATAConfig",
-    "T3AConfig",
-    "SHOTConfig",
-    "TTACaPConfig",
+    "FisherStrategy",
+    "NormConfig",
+    "SarConfig",
+    "SarStrategy",
+    "ShotConfig",
+    "ShotStrategy",
+    "SourceConfig",
+    "SourceStrategy",
+    "T3aConfig",
+    "T3aStrategy",
+    "TentConfig",
+    "TentStrategy",
+    "TtaCapConfig",
+    "TtaCapStrategy",
 ]
 
-_REGISTRY: dict[str, type[Strategy]] = {}
+#: documented names before the CapWords naming (0.1): still importable, with a warning
+DEPRECATED_NAMES: dict[str, str] = {"SARConfig": "SarConfig", "TTACaPConfig": "TtaCapConfig"}
 
 
-def register_strategy(strategy_cls: type[Strategy]) -> type[Strategy]:
-    """Register a strategy class under its config's ``strategy_name`` (usable as a decorator)."""
-    name = strategy_cls.config_class.strategy_name
-    if not name:
-        raise ConfigError(f"{strategy_cls.config_class.__name__} has no `strategy_name`")
-    if name in _REGISTRY and _REGISTRY[name] is not strategy_cls:
-        raise ConfigError(f"A strategy named {name!r} is already registered")
-    _REGISTRY[name] = strategy_cls
-    return strategy_cls
-
-
-def list_strategies() -> list[str]:
-    """Names of the registered strategies, sorted."""
-    return sorted(_REGISTRY)
-
-
-def _lookup(name: str) -> type[Strategy]:
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ConfigError(f"Unknown strategy {name!r}; available: {', '.join(list_strategies())}")
-    return _REGISTRY[name]
-
-
-def get_config_class(name: str) -> type[StrategyConfig]:
-    """The config dataclass of a registered strategy."""
-    return _lookup(name).config_class
-
-
-def make_config(strategy: str | StrategyConfig, **overrides: Any) -> StrategyConfig:
-    """A validated config from a strategy name or config object plus overrides."""
-    if isinstance(strategy, StrategyConfig):
-        _lookup(strategy.strategy_name)
-        return strategy.replace(**overrides) if overrides else strategy
-    config_cls = get_config_class(strategy)
-    config_cls._reject_unknown(overrides.keys())
-    return config_cls(**overrides)
-
-
-def build_strategy(config: StrategyConfig, runtime: Any, source: Any = None) -> Strategy:
-    """Instantiate the registered strategy for ``config`` on a model runtime.
-
-    ``source`` is a validated :class:`~ttaperso.source_data.SourceData` or None.
-    """
-    return _lookup(config.strategy_name)(config, runtime, source)
-
-
-for _cls in (SourceStrategy, NormStrategy, TentStrategy, SARStrategy):
-    register_strategy(_cls)
-register_strategy(TTACaPStrategy)
-for _cls in (FisherStrategy, EATAStrategy, T3AStrategy, SHOTStrategy):
-    register_strategy(_cls)
-register_strategy(ClipAuttStrategy)
+def __getattr__(name: str) -> Any:
+    if name in DEPRECATED_NAMES:
+        new = DEPRECATED_NAMES[name]
+        warnings.warn(
+            f"ttaperso.strategies.{name} is deprecated; use {new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

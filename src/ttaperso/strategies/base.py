@@ -1,17 +1,42 @@
-"""The strategy base class: owns the per-call loop; strategies fill in a few hooks.
+"""The strategy base class: it owns the per-call loop; a strategy fills in a few hooks.
 
-Loop of one ``predict`` call for one subject (under the Personalizer's lock):
+One ``predict`` call for one subject runs :meth:`Strategy.step` on a *copy* of the
+subject's state (the Personalizer makes it live only when the whole call succeeded):
 
-1. ``forward``: run the shared model with the subject's tensors (hook, default provided);
-2. refuse non-finite outputs before anything is written;
-3. gates: which frames may update the state (every gate sees every frame);
-4. ``adapt``: update the subject's state from the admitted frames (hook);
-5. output smoothing over the subject's recent frames.
+1. :meth:`~Strategy.forward` = :meth:`~Strategy.model_forward` (the shared model with the
+   subject's tensors swapped in) then :meth:`~Strategy.head` (the subject-specific part);
+2. :meth:`~Strategy.finish`: one finiteness check, the subject's calibration offset, the
+   gates (:meth:`~Strategy.apply_gates`, every gate sees every frame), :meth:`~Strategy.adapt`,
+   the collapse guard and output smoothing.
 
-Hooks a strategy overrides: :meth:`Strategy.init_state` (which tensors it owns),
-:meth:`Strategy.trainable`, :meth:`Strategy.bn_prior`, :meth:`Strategy.collects_moments`
-and :meth:`Strategy.adapt`. All are no-ops or "nothing" by default, so ``source`` is the
-base class itself.
+**Class variables** a strategy sets:
+
+* ``config_class``: its config dataclass (a :class:`~ttaperso.config.StrategyConfig`);
+* capabilities, declared (never guessed from overrides; ``tests/test_capabilities.py``
+  checks each against behaviour): ``needs_gradients`` (its step takes gradients, so it
+  refuses ``torch.inference_mode``), ``shares_model_forward`` (the model part is the same
+  for every subject: :meth:`~Strategy.shared_forward`), ``batches_subjects`` (it implements
+  :meth:`~Strategy.batched_model_forward`), ``calibrates_statistics`` (it implements
+  :meth:`~Strategy.calibrate`), ``uses_features`` (its model forward returns features),
+  ``uses_source`` (``"no"``, ``"optional"``, ``"required"``: a source-domain sample),
+  ``provides`` (names of the per-frame ``extras`` its head computes, for gates that
+  require them);
+* state layout: ``variable_memory`` (memory keys whose first dimension varies) and
+  ``per_param_memory`` (prefixes of memory tensors shaped like an adapted parameter).
+
+**Hooks** (all optional; the base class is the ``source`` strategy):
+:meth:`~Strategy.init_state` (the tensors a fresh subject owns), :meth:`~Strategy.trainable`,
+:meth:`~Strategy.bn_prior`, :meth:`~Strategy.collects_moments` (how the model forward runs),
+:meth:`~Strategy.head`, :meth:`~Strategy.adapt` (the update), and less often
+:meth:`~Strategy.model_forward` / :meth:`~Strategy.forward` (a forward of its own),
+:meth:`~Strategy.batched_model_forward`, :meth:`~Strategy.calibrate`,
+:meth:`~Strategy.on_gate_decisions` (see each gate's verdict), :meth:`~Strategy.describe`
+(what :meth:`ttaperso.Personalizer.inspect` reports) and :meth:`~Strategy.check_state`
+(extra checks of a loaded state). ``docs/write-a-strategy.md`` walks through one.
+
+Everything a call computes travels in that call's objects (:class:`ForwardOutput`,
+:class:`~ttaperso.gates.GateBatch`, :class:`StepResult`); the strategy object is shared by
+every subject and every thread and holds no per-call or per-subject value.
 """
 
 from __future__ import annotations
@@ -19,16 +44,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from ..config import StrategyConfig
 from ..errors import ConfigError, InputError, StateFileError
-from ..gates import smooth_probs
+from ..gates import GateBatch
 from ..guards import GuardEvent
 from ..runtime import ForwardOutput, ModelRuntime
+from ..smoothing import SMOOTHING_MEMORY, smooth_probs
 from ..source_data import SourceData
 from ..state import SubjectState
 
@@ -41,35 +67,48 @@ CALIBRATION_OFFSET = "calib.offset"
 
 @dataclass
 class StepResult:
-    """Per-frame outputs of one step (detached)."""
+    """Per-frame outputs of one step (detached), and what happened in it."""
 
     logits: Tensor
     probs: Tensor
     labels: Tensor
     updated: Tensor
+    #: the collapse guard's recovery in this step (None: no guard, or no trip)
+    guard_event: GuardEvent | None = None
 
 
 class Strategy:
     """Base class of all strategies (and the ``source`` strategy: no adaptation)."""
 
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
-    #: memory keys whose first dimension may vary (validated on dtype and trailing shape)
-    variable_memory: ClassVar[tuple[str, ...]] = ("smooth.probs",)
-    #: memory key prefixes ``P`` of optional per-parameter tensors ``P<param name>``, shaped
-    #: like that adapted parameter (e.g. TENT's accumulated gradients, ``grad/``)
-    per_param_memory: ClassVar[tuple[str, ...]] = ()
+    config: StrategyConfig
+
+    # ------------------------------------------------------ declared capabilities
+    #: the step takes gradients (so it cannot run under ``torch.inference_mode()``)
+    needs_gradients: ClassVar[bool] = False
+    #: :meth:`model_forward` is the same for every subject (no subject tensors swapped in,
+    #: no gradients, stored statistics only): :meth:`~ttaperso.Personalizer.predict_many`
+    #: runs it once for several subjects' frames and only :meth:`head` and the rest of the
+    #: step run per subject.
+    shares_model_forward: ClassVar[bool] = False
+    #: :meth:`batched_model_forward` runs several subjects' forwards in one pass
+    batches_subjects: ClassVar[bool] = False
+    #: :meth:`calibrate` folds a neutral recording into the subject's statistics
+    calibrates_statistics: ClassVar[bool] = False
+    #: :meth:`model_forward` also returns the model's features (``out.features``)
+    uses_features: ClassVar[bool] = False
     #: whether the strategy needs a :class:`~ttaperso.source_data.SourceData` sample
     #: (``"required"`` refuses to build without one; ``"optional"`` uses it when given)
     uses_source: ClassVar[Literal["no", "optional", "required"]] = "no"
-    #: True when the model part of the forward (:meth:`model_forward`) is the same for every
-    #: subject (no subject tensors swapped in, no gradients, stored statistics only): then
-    #: :meth:`~ttaperso.Personalizer.predict_many` runs it once for several subjects' frames
-    #: and only :meth:`head` and the rest of the step run per subject.
-    shares_model_forward: ClassVar[bool] = False
-    #: whether :meth:`model_forward` also returns the model's features (``out.features``)
-    returns_features: ClassVar[bool] = False
-    #: the collapse guard's recovery during the last :meth:`step` (None: no guard or no trip)
-    last_guard_event: GuardEvent | None = None
+    #: per-frame extras :meth:`head` puts in ``ForwardOutput.extras`` (for gates)
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    # ------------------------------------------------------------- state layout
+    #: memory keys whose first dimension may vary (validated on dtype and trailing shape)
+    variable_memory: ClassVar[tuple[str, ...]] = (SMOOTHING_MEMORY,)
+    #: memory key prefixes ``P`` of optional per-parameter tensors ``P<param name>``, shaped
+    #: like that adapted parameter (e.g. TENT's accumulated gradients, ``grad/``)
+    per_param_memory: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, config: StrategyConfig, runtime: ModelRuntime, source: SourceData | None = None
@@ -82,6 +121,15 @@ class Strategy:
                 f"Strategy {config.strategy_name!r} needs a sample of source-domain data: "
                 "pass source=SourceData(frames, labels=..., subjects=...) to the Personalizer"
             )
+        for gate in config.gates:
+            missing = sorted(gate.requires - self.provides)
+            if missing:
+                raise ConfigError(
+                    f"Gate {gate.kind!r} needs {missing}, which strategy "
+                    f"{config.strategy_name!r} does not compute (it provides "
+                    f"{sorted(self.provides) or 'nothing'}); remove the gate or use a strategy "
+                    "that provides it (tta_cap provides prototype scores)"
+                )
         #: the validated source sample (None when not given or not used)
         self.source = source if self.uses_source != "no" else None
         self._initial = self._complete_state(self.init_state())
@@ -112,19 +160,32 @@ class Strategy:
     def calibrate(self, state: SubjectState, frames: Tensor) -> None:
         """Initialise ``state``'s statistics from a short neutral recording (hook).
 
-        The default refuses: strategies with per-subject BN statistics override it
-        (``norm``/``tent``/``sar``/``fisher``/...). Must raise before changing ``state``.
-        The logit offset of :meth:`ttaperso.Personalizer.calibrate` works for every
-        strategy and does not go through this hook.
+        Implemented by strategies that declare ``calibrates_statistics`` (the BN-statistics
+        ones); must raise before changing ``state``. The logit offset of
+        :meth:`ttaperso.Personalizer.calibrate` works for every strategy and does not go
+        through this hook.
         """
         raise ConfigError(
             f"Strategy {self.config.strategy_name!r} does not support neutral-baseline calibration"
         )
 
-    @property
-    def calibrates_statistics(self) -> bool:
-        """Whether :meth:`calibrate` is implemented (the strategy keeps BN statistics)."""
-        return type(self).calibrate is not Strategy.calibrate
+    def on_gate_decisions(
+        self, state: SubjectState, decisions: list[Tensor], admitted: Tensor
+    ) -> None:
+        """See each gate's mask (``decisions[i]`` for ``config.gates[i]``) and their AND."""
+
+    def describe(self, state: SubjectState) -> dict[str, Any]:
+        """JSON-safe facts about ``state`` for :meth:`ttaperso.Personalizer.inspect`.
+
+        Subclasses extend the dict (``{**super().describe(state), ...}``).
+        """
+        details: dict[str, Any] = {"strategy": self.config.strategy_name}
+        offset = state.memory.get(CALIBRATION_OFFSET)
+        if offset is not None:
+            details["calibration_offset"] = [round(float(v), 6) for v in offset.tolist()]
+        if self.config.guard is not None:
+            details["guard"] = self.config.guard.describe(state)
+        return details
 
     # ------------------------------------------------------------ machinery
     def _complete_state(self, state: SubjectState) -> SubjectState:
@@ -132,7 +193,7 @@ class Strategy:
             for key, value in gate.init_memory(self.num_classes).items():
                 state.memory[f"gate{i}.{gate.kind}.{key}"] = value
         if self.config.smoothing > 1:
-            state.memory["smooth.probs"] = torch.zeros(0, self.num_classes)
+            state.memory[SMOOTHING_MEMORY] = torch.zeros(0, self.num_classes)
         if self.config.guard is not None:
             state.memory.update(self.config.guard.init_memory(state, self.num_classes))
         return state
@@ -140,6 +201,11 @@ class Strategy:
     def initial_state(self) -> SubjectState:
         """A fresh subject's state (an independent, unpacked copy: ready for a step)."""
         return self._initial.unpacked()
+
+    def frozen_logits(self, frames: Tensor) -> Tensor:
+        """Logits of the unadapted model (what the collapse guard compares against)."""
+        with torch.no_grad():
+            return self.runtime.forward({}, frames).logits
 
     def model_forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
         """The shared model's part of the prediction forward, with the subject's tensors."""
@@ -149,7 +215,7 @@ class Strategy:
             trainable=self.trainable(state),
             bn_prior=self.bn_prior(state),
             collect_moments=self.collects_moments(),
-            return_features=self.returns_features,
+            return_features=self.uses_features,
         )
 
     def head(self, state: SubjectState, frames: Tensor, out: ForwardOutput) -> ForwardOutput:
@@ -163,44 +229,37 @@ class Strategy:
     def shared_forward(self, frames: Tensor) -> ForwardOutput:
         """:meth:`model_forward` for frames of any subjects (needs ``shares_model_forward``)."""
         if not self.shares_model_forward:
-            raise RuntimeError(
+            raise ConfigError(
                 f"Strategy {self.config.strategy_name!r} has a subject-specific model forward"
             )
         return self.model_forward(self._initial, frames)
 
-    @property
-    def batches_subjects(self) -> bool:
-        """Whether :meth:`batched_model_forward` can run several subjects in one forward."""
-        return False
-
     def batched_model_forward(
         self, states: list[SubjectState], frames: list[Tensor]
     ) -> list[ForwardOutput]:
-        """:meth:`model_forward` of several subjects at once (needs :attr:`batches_subjects`)."""
-        raise RuntimeError(
+        """:meth:`model_forward` of several subjects at once (needs ``batches_subjects``)."""
+        raise ConfigError(
             f"Strategy {self.config.strategy_name!r} cannot batch several subjects' forwards"
         )
 
-    def apply_gates(self, state: SubjectState, logits: Tensor, labels: Tensor) -> Tensor:
+    def apply_gates(self, state: SubjectState, batch: GateBatch) -> Tensor:
         """AND of all gates; each gate's memory is read from and written to ``state``."""
-        admitted = torch.ones(labels.shape[0], dtype=torch.bool)
+        admitted = torch.ones(batch.labels.shape[0], dtype=torch.bool)
+        decisions: list[Tensor] = []
         for i, gate in enumerate(self.config.gates):
             prefix = f"gate{i}.{gate.kind}."
             memory = {k[len(prefix) :]: v for k, v in state.memory.items() if k.startswith(prefix)}
-            admitted &= gate.admit(memory, logits, labels).to(torch.bool).cpu()
+            mask = gate.admit(memory, batch).to(torch.bool).cpu()
             for key, value in memory.items():
                 state.memory[prefix + key] = value
+            decisions.append(mask)
+            admitted &= mask
+        self.on_gate_decisions(state, decisions, admitted)
         return admitted
 
     def step(self, state: SubjectState, frames: Tensor) -> StepResult:
         """One predict call for one subject: forward, gates, adapt, smoothing."""
         return self.finish(state, frames, self.forward(state, frames))
-
-    def step_from_shared(
-        self, state: SubjectState, frames: Tensor, shared: ForwardOutput
-    ) -> StepResult:
-        """:meth:`step` given this subject's slice of a :meth:`shared_forward` output."""
-        return self.finish(state, frames, self.head(state, frames, shared))
 
     def finish(self, state: SubjectState, frames: Tensor, out: ForwardOutput) -> StepResult:
         """The rest of a step after the forward: checks, gates, adapt, guard, smoothing."""
@@ -224,21 +283,26 @@ class Strategy:
             # see); `adapt` still gets the model's own output in `out`.
             detached = detached + offset.to(detached.device, detached.dtype)
         labels = detached.argmax(dim=1).cpu()
-        admitted = self.apply_gates(state, detached, labels)
+        batch = GateBatch(
+            logits=detached,
+            labels=labels,
+            features=None if out.features is None else out.features.detach(),
+            extras=out.extras,
+        )
+        admitted = self.apply_gates(state, batch)
         # A caller's torch.no_grad() must not break gradient strategies: `adapt` builds its
         # losses (and SAR its extra forwards) in the same grad mode as a plain call would.
         with torch.enable_grad():
             updated = self.adapt(state, frames, out, admitted).to(torch.bool).cpu()
-        self.last_guard_event = (
-            None
-            if self.config.guard is None
-            else self.config.guard.observe(self, state, frames, detached)
-        )
+        guard = self.config.guard
+        event = None if guard is None else guard.observe(self, state, frames, detached)
         probs = detached.softmax(dim=1)
         if self.config.smoothing > 1:
             probs = smooth_probs(state.memory, probs.cpu(), self.config.smoothing).to(probs.device)
             labels = probs.argmax(dim=1).cpu()
-        return StepResult(logits=detached, probs=probs, labels=labels, updated=updated)
+        return StepResult(
+            logits=detached, probs=probs, labels=labels, updated=updated, guard_event=event
+        )
 
     def check_state(self, state: SubjectState, source: str) -> None:
         """Refuse a loaded state whose tensors do not fit this strategy and model."""

@@ -31,7 +31,6 @@ Predictions are made before the update of the same call (as in ``tent``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,9 +38,11 @@ from torch import Tensor
 from ..config import StrategyConfig
 from ..errors import ModelInterfaceError, StateFileError
 from ..functional import softmax_entropy
-from ..runtime import ForwardOutput
+from ..runtime import ForwardOutput, ModelRuntime
+from ..source_data import SourceData
 from ..state import SubjectState
 from .base import Strategy, optimizer_step
+from .registry import register_strategy
 
 __all__ = ["ClipAuttConfig", "ClipAuttStrategy"]
 
@@ -90,14 +91,18 @@ class ClipAuttForward(ForwardOutput):
     au_text: Tensor | None = None
 
 
+@register_strategy
 class ClipAuttStrategy(Strategy):
     """CLIP-AUTT with per-subject AU context vectors, AdamW moments and recent embeddings."""
 
     config_class = ClipAuttConfig
     config: ClipAuttConfig
     variable_memory = (*Strategy.variable_memory, _FEATURES)
+    needs_gradients = True
 
-    def __init__(self, config: ClipAuttConfig, runtime: Any, source: Any = None) -> None:
+    def __init__(
+        self, config: ClipAuttConfig, runtime: ModelRuntime, source: SourceData | None = None
+    ) -> None:
         from ..clip_au.model import CLIPAUModel
 
         module = runtime.module

@@ -46,18 +46,20 @@ from torch import Tensor
 
 from ..functional import softmax_entropy
 from ..gates import Gate
-from ..runtime import ForwardOutput
+from ..runtime import ForwardOutput, ModelRuntime
+from ..source_data import SourceData
 from ..state import SubjectState
 from .feature_math import empirical_fisher_diagonal
+from .registry import register_strategy
 from .tent import TentConfig, TentStrategy
 
-__all__ = ["EATAConfig", "EATAStrategy"]
+__all__ = ["EataConfig", "EataStrategy"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EATAConfig(TentConfig):
+class EataConfig(TentConfig):
     """Options of EATA (plus ``tent``'s and ``norm``'s options).
 
     Args:
@@ -88,14 +90,17 @@ class EATAConfig(TentConfig):
         self._check("mean_decay", 0.0 <= self.mean_decay < 1.0, "in [0, 1)")
 
 
-class EATAStrategy(TentStrategy):
+@register_strategy
+class EataStrategy(TentStrategy):
     """TENT with EATA's sample filters, weights and Fisher anchor, per subject."""
 
-    config_class = EATAConfig  # type: ignore[assignment]
-    config: EATAConfig  # type: ignore[assignment]
+    config_class = EataConfig
+    config: EataConfig
     uses_source = "optional"
 
-    def __init__(self, config: EATAConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, config: EataConfig, runtime: ModelRuntime, source: SourceData | None = None
+    ) -> None:
         super().__init__(config, runtime, source)
         self.e0 = config.margin * math.log(self.num_classes)
         self.anchor = {n: self.runtime.parameters[n].detach().clone() for n in self.param_names}
@@ -146,12 +151,14 @@ class EATAStrategy(TentStrategy):
         weights = torch.exp(-(entropy - self.e0))  # 1 / exp(H - E0)
         return keep, weights
 
-    def adapt(
-        self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor
+    def adapt_admitted(
+        self,
+        state: SubjectState,
+        frames: Tensor,
+        out: ForwardOutput,
+        admitted: Tensor,
+        updated: Tensor,
     ) -> Tensor:
-        self.update_statistics(state, out, admitted)
-        if not bool(admitted.any()):
-            return torch.zeros_like(admitted)
         index = admitted.nonzero().squeeze(1).to(out.logits.device)
         logits = out.logits.index_select(0, index)
         keep, weights = self.sample_filter(state, logits)

@@ -31,29 +31,32 @@ Choices (the paper gives no code):
   optimizer's moments for them; never full parameter tensors. At forward time each touched
   parameter is rebuilt as the shared source tensor with the subject's values scattered in.
 
-:func:`selected_parameters` reports which parameters the selection touched.
+:meth:`FisherStrategy.selected_parameters` (``Personalizer.inspect(subject).details
+["selected"]``) reports which parameters the selection touched.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from ..errors import InputError, ModelInterfaceError, StateFileError
+from ..errors import ModelInterfaceError, StateFileError
 from ..functional import softmax_entropy
 from ..gates import Gate
-from ..runtime import ForwardOutput
+from ..runtime import ForwardOutput, ModelRuntime
+from ..source_data import SourceData
 from ..state import SubjectState
 from .base import optimizer_step
 from .feature_math import expected_fisher_diagonal, split_flat_indices, top_k_indices
 from .norm import GradientNormConfig, NormStrategy
+from .registry import register_strategy
 from .tent import make_optimizer
 
-__all__ = ["FisherConfig", "FisherStrategy", "default_budget", "selected_parameters"]
+__all__ = ["FisherConfig", "FisherStrategy", "default_budget"]
 
 #: smallest automatic budget, in scalars
 MIN_BUDGET = 256
@@ -95,16 +98,21 @@ class FisherConfig(GradientNormConfig):
         self._check("consistency", self.consistency >= 0.0, "a number >= 0")
 
 
+@register_strategy
 class FisherStrategy(NormStrategy):
     """Per subject: BN statistics + a Fisher-selected sparse set of model scalars."""
 
     config_class = FisherConfig
     config: FisherConfig
+    needs_gradients = True
+    batches_subjects = False  # its forward rebuilds the subject's selected parameters
     variable_memory = NormStrategy.variable_memory + ("fisher.pending", "fisher.last_probs")
     per_param_memory = ("grad/",)
     values_key = "fisher.values"
 
-    def __init__(self, config: FisherConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, config: FisherConfig, runtime: ModelRuntime, source: SourceData | None = None
+    ) -> None:
         self.candidates = tuple(n for n, p in runtime.parameters.items() if p.is_floating_point())
         self.sizes = tuple(runtime.parameters[n].numel() for n in self.candidates)
         self.total = sum(self.sizes)
@@ -186,17 +194,12 @@ class FisherStrategy(NormStrategy):
         The forward runs with the subject's rebuilt parameters: ``params/fisher.values`` is
         not a tensor of the model and cannot be swapped in by name.
         """
-        from ..calibration import calibrate_bn_statistics, refresh_guard_snapshot
-
         tensors, _ = self._model_tensors(state)
-        view = SubjectState(
-            params={k: v for k, v in tensors.items() if k not in state.buffers},
-            buffers=state.buffers,  # the same tensors: the statistics are updated in place
-            optim=state.optim,
-            memory=state.memory,
-        )
-        calibrate_bn_statistics(self, view, frames)
-        refresh_guard_snapshot(state)
+        self.calibrate_statistics(state, tensors, frames)
+
+    def describe(self, state: SubjectState) -> dict[str, Any]:
+        """Adds ``selected``: ``{parameter name: selected scalars}`` (empty before selection)."""
+        return {**super().describe(state), "selected": self.selected_parameters(state)}
 
     # ------------------------------------------------------------- selection
     def select(self, state: SubjectState, frames: Tensor) -> None:
@@ -228,12 +231,14 @@ class FisherStrategy(NormStrategy):
         state.memory["fisher.pending_frames"].fill_(0.0)
 
     # ------------------------------------------------------------------ adapt
-    def adapt(
-        self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor
+    def adapt_admitted(
+        self,
+        state: SubjectState,
+        frames: Tensor,
+        out: ForwardOutput,
+        admitted: Tensor,
+        updated: Tensor,
     ) -> Tensor:
-        self.update_statistics(state, out, admitted)
-        if not bool(admitted.any()):
-            return torch.zeros_like(admitted)
         index = admitted.nonzero().squeeze(1).to(out.logits.device)
         last = state.memory["fisher.last_probs"].to(out.logits.device)
         if not self.is_selected(state):
@@ -331,19 +336,3 @@ class FisherStrategy(NormStrategy):
         if state.memory["fisher.last_probs"].shape[0] > 1:
             raise StateFileError(f"{source}: memory/fisher.last_probs holds more than one frame")
 
-
-def selected_parameters(personalizer, subject: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
-    """Which parameters the ``fisher`` strategy adapts for ``subject``: ``{name: scalars}``.
-
-    Empty until the subject's first ``fisher_frames`` frames have been seen.
-    """
-    if personalizer.strategy_name != "fisher":
-        raise InputError(
-            f"selected_parameters needs a Personalizer running 'fisher', not "
-            f"{personalizer.strategy_name!r}"
-        )
-    strategy: FisherStrategy = personalizer._strategy
-    with personalizer._lock:
-        if subject not in personalizer.subjects:
-            raise InputError(f"Unknown subject {subject!r}")
-        return strategy.selected_parameters(personalizer._states[subject])

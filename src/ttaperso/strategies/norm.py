@@ -21,11 +21,14 @@ import torch
 from torch import Tensor
 
 from ..config import StrategyConfig
-from ..errors import ModelInterfaceError
+from ..errors import ConfigError, InputError, ModelInterfaceError
 from ..functional import mix_moments
-from ..runtime import ForwardOutput
+from ..guards import refresh_snapshots
+from ..runtime import ForwardOutput, ModelRuntime
+from ..source_data import SourceData
 from ..state import SubjectState
 from .base import Strategy
+from .registry import register_strategy
 
 __all__ = ["NormConfig", "GradientNormConfig", "NormStrategy"]
 
@@ -75,13 +78,26 @@ class GradientNormConfig(NormConfig):
         self._check("update_every", self.update_every >= 1, "an int >= 1")
 
 
+@register_strategy
 class NormStrategy(Strategy):
-    """Per-subject BN statistics; base class of the gradient strategies that keep them."""
+    """Per-subject BN statistics; base class of the gradient strategies that keep them.
+
+    Its :meth:`adapt` is a template: the admitted frames' statistics are folded in, then
+    (when any frame was admitted) :meth:`adapt_admitted` runs, the hook of the strategies
+    built on ``norm`` (``tent``, ``sar``, ``eata``, ``fisher``, ``shot``).
+    """
 
     config_class = NormConfig
     config: NormConfig
+    #: predictions take no gradient and use the base forward: several subjects run in one
+    #: pass with per-subject statistics (subclasses that train through the prediction
+    #: forward or replace it set this back to False)
+    batches_subjects = True
+    calibrates_statistics = True
 
-    def __init__(self, config: NormConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, config: NormConfig, runtime: ModelRuntime, source: SourceData | None = None
+    ) -> None:
         if not runtime.bn_layers:
             raise ModelInterfaceError(
                 f"Strategy {config.strategy_name!r} adapts BatchNorm statistics but model "
@@ -106,20 +122,6 @@ class NormStrategy(Strategy):
 
     def collects_moments(self) -> bool:
         return self.config.accumulate
-
-    @property
-    def batches_subjects(self) -> bool:
-        """True when predictions take no gradient and use the base forward (``norm``, and
-        ``sar``, whose SAM step runs its own forwards in ``adapt``); subclasses that train
-        through the prediction forward or replace it step subjects one by one."""
-        cls = type(self)
-        return (
-            cls.forward is Strategy.forward
-            and cls.model_forward is Strategy.model_forward
-            and cls.head is Strategy.head
-            and not self.returns_features  # the batched forward returns logits only
-            and not self.trainable(self._initial)
-        )
 
     def batched_model_forward(
         self, states: list[SubjectState], frames: list[Tensor]
@@ -188,13 +190,57 @@ class NormStrategy(Strategy):
     def adapt(
         self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor
     ) -> Tensor:
-        return self.update_statistics(state, out, admitted)
+        """Fold the admitted frames' statistics in, then :meth:`adapt_admitted` (if any)."""
+        updated = self.update_statistics(state, out, admitted)
+        if not bool(admitted.any()):
+            return updated
+        return self.adapt_admitted(state, frames, out, admitted, updated)
+
+    def adapt_admitted(
+        self,
+        state: SubjectState,
+        frames: Tensor,
+        out: ForwardOutput,
+        admitted: Tensor,
+        updated: Tensor,
+    ) -> Tensor:
+        """Hook: the update from the admitted frames after the statistics (``updated``: the
+        frames the statistics took). Returns the mask of frames that went into the state."""
+        return updated
 
     def calibrate(self, state: SubjectState, frames: Tensor) -> None:
-        """Fold a neutral recording's BN statistics into the subject's estimate.
+        """Fold a neutral recording's BN statistics into the subject's estimate."""
+        self.calibrate_statistics(state, state.model_tensors(), frames)
 
-        See :func:`ttaperso.calibration.calibrate_bn_statistics` (shared by tent and sar).
+    @torch.no_grad()
+    def calibrate_statistics(
+        self, state: SubjectState, tensors: dict[str, Tensor], frames: Tensor
+    ) -> None:
+        """Fold ``frames``' per-layer BN moments into ``state``'s statistics (all admitted).
+
+        The forward runs the model with ``tensors`` (the subject's model tensors, holding
+        ``state.buffers``' statistics) and normalises with the subject's current estimate
+        mixed with the batch (the mixture a prediction uses), so deeper layers see the
+        moments they will see at prediction time. Raises before any write when the
+        strategy keeps no running estimate (``accumulate=False``) or the model produces
+        non-finite values. The calibrated state becomes the collapse guard's snapshot.
         """
-        from ..calibration import calibrate_bn_statistics
-
-        calibrate_bn_statistics(self, state, frames)
+        if "norm.count" not in state.memory:
+            raise ConfigError(
+                f"Strategy {self.config.strategy_name!r} with accumulate=False keeps no "
+                "per-subject BN statistics: neutral-baseline calibration needs accumulate=True"
+            )
+        out = self.runtime.forward(
+            tensors, frames, bn_prior=self.bn_prior(state), collect_moments=True
+        )
+        moments_ok = out.moments is not None and all(
+            bool(torch.isfinite(m).all() and torch.isfinite(sq).all())
+            for m, sq in out.moments.values()
+        )
+        if not moments_ok or not bool(torch.isfinite(out.logits).all()):
+            raise InputError(
+                "The model produced non-finite activations for the neutral frames; the "
+                "subject's state was not changed"
+            )
+        self.update_statistics(state, out, torch.ones(frames.shape[0], dtype=torch.bool))
+        refresh_snapshots(state)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,16 +34,18 @@ from torch import Tensor
 from ..errors import ModelInterfaceError
 from ..functional import softmax_entropy
 from ..norm_layers import norm_affine_parameters
-from ..runtime import ForwardOutput
+from ..runtime import ForwardOutput, ModelRuntime
+from ..source_data import SourceData
 from ..state import SubjectState
 from .base import optimizer_step
 from .norm import GradientNormConfig, NormStrategy
+from .registry import register_strategy
 
-__all__ = ["SARConfig", "SARStrategy"]
+__all__ = ["SarConfig", "SarStrategy"]
 
 
 @dataclass(frozen=True)
-class SARConfig(GradientNormConfig):
+class SarConfig(GradientNormConfig):
     """Options of SAR (plus ``norm``'s statistics options).
 
     Args:
@@ -75,14 +78,22 @@ class SARConfig(GradientNormConfig):
         self._check("frozen_last_norms", self.frozen_last_norms >= 0, "an int >= 0")
 
 
-class SARStrategy(NormStrategy):
-    """SAR with per-subject parameters, SGD moments, loss EMA and pending frames."""
+@register_strategy
+class SarStrategy(NormStrategy):
+    """SAR with per-subject parameters, SGD moments, loss EMA and pending frames.
 
-    config_class = SARConfig
-    config: SARConfig
+    Predictions take no gradient (the SAM step runs its own forwards in :meth:`adapt`), so
+    several subjects' prediction forwards still batch (``batches_subjects``).
+    """
+
+    config_class = SarConfig
+    config: SarConfig
     variable_memory = NormStrategy.variable_memory + ("sar.pending",)
+    needs_gradients = True
 
-    def __init__(self, config: SARConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, config: SarConfig, runtime: ModelRuntime, source: SourceData | None = None
+    ) -> None:
         names = norm_affine_parameters(runtime.module)
         layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
         keep = set(layers[: max(0, len(layers) - config.frozen_last_norms)])
@@ -115,12 +126,14 @@ class SARStrategy(NormStrategy):
         state.memory["sar.resets"] = torch.tensor(0, dtype=torch.int64)
         return state
 
-    def adapt(
-        self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor
+    def adapt_admitted(
+        self,
+        state: SubjectState,
+        frames: Tensor,
+        out: ForwardOutput,
+        admitted: Tensor,
+        updated: Tensor,
     ) -> Tensor:
-        self.update_statistics(state, out, admitted)
-        if not bool(admitted.any()):
-            return torch.zeros_like(admitted)
         new = frames[admitted.to(frames.device)].detach()
         pending = state.memory["sar.pending"]
         if pending.shape[1:] != new.shape[1:]:
@@ -185,6 +198,9 @@ class SARStrategy(NormStrategy):
         state.memory["sar.ema_updates"] += 1
         if ema < self.reset_below:
             self.recover(state)
+
+    def describe(self, state: SubjectState) -> dict[str, Any]:
+        return {**super().describe(state), "sar_resets": int(state.memory["sar.resets"])}
 
     def recover(self, state: SubjectState) -> None:
         """Reset parameters, moments, statistics and the EMA to the source (gates keep memory)."""

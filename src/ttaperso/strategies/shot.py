@@ -33,16 +33,18 @@ from torch import Tensor
 
 from ..errors import StateFileError
 from ..gates import Gate
-from ..runtime import ForwardOutput
+from ..runtime import ForwardOutput, ModelRuntime
+from ..source_data import SourceData
 from ..state import SubjectState
 from .feature_math import centroid_pseudo_labels, information_maximization
+from .registry import register_strategy
 from .tent import TentConfig, TentStrategy
 
-__all__ = ["SHOTConfig", "SHOTStrategy"]
+__all__ = ["ShotConfig", "ShotStrategy"]
 
 
 @dataclass(frozen=True)
-class SHOTConfig(TentConfig):
+class ShotConfig(TentConfig):
     """Options of online SHOT (plus ``tent``'s and ``norm``'s options).
 
     Args:
@@ -64,15 +66,18 @@ class SHOTConfig(TentConfig):
         self._check("refine_rounds", self.refine_rounds >= 0, "an int >= 0")
 
 
-class SHOTStrategy(TentStrategy):
+@register_strategy
+class ShotStrategy(TentStrategy):
     """Online SHOT with per-subject affine parameters, moments, statistics and window."""
 
-    config_class = SHOTConfig  # type: ignore[assignment]
-    config: SHOTConfig  # type: ignore[assignment]
+    config_class = ShotConfig
+    config: ShotConfig
     variable_memory = TentStrategy.variable_memory + ("shot.features", "shot.probs")
-    returns_features = True  # the window keeps the admitted frames' features
+    uses_features = True  # the window keeps the admitted frames' features
 
-    def __init__(self, config: SHOTConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, config: ShotConfig, runtime: ModelRuntime, source: SourceData | None = None
+    ) -> None:
         weight, _ = runtime.module.linear_head()  # SHOT needs a features/head split
         self.feature_dim = int(weight.shape[1])
         super().__init__(config, runtime, source)
@@ -84,11 +89,15 @@ class SHOTStrategy(TentStrategy):
         state.memory["shot.probs"] = torch.zeros(0, self.num_classes, dtype=dtype)
         return state
 
-    def adapt(
-        self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor
+    def adapt_admitted(
+        self,
+        state: SubjectState,
+        frames: Tensor,
+        out: ForwardOutput,
+        admitted: Tensor,
+        updated: Tensor,
     ) -> Tensor:
-        self.update_statistics(state, out, admitted)
-        if not bool(admitted.any()) or out.features is None:
+        if out.features is None:  # pragma: no cover - uses_features: the forward returns them
             return torch.zeros_like(admitted)
         index = admitted.nonzero().squeeze(1).to(out.logits.device)
         logits = out.logits.index_select(0, index)

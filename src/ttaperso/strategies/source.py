@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..config import StrategyConfig
 from .base import Strategy
+from .registry import register_strategy
 
 __all__ = ["SourceConfig", "SourceStrategy"]
 
@@ -17,6 +18,7 @@ class SourceConfig(StrategyConfig):
     strategy_name = "source"
 
 
+@register_strategy
 class SourceStrategy(Strategy):
     """Predicts with the shared model as it is; never updates a subject."""
 

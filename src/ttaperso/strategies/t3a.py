@@ -34,16 +34,18 @@ from torch import Tensor
 from ..config import StrategyConfig
 from ..errors import StateFileError
 from ..functional import softmax_entropy
-from ..runtime import ForwardOutput
+from ..runtime import ForwardOutput, ModelRuntime
+from ..source_data import SourceData
 from ..state import SubjectState
 from .base import Strategy
 from .feature_math import t3a_filter, t3a_prototypes
+from .registry import register_strategy
 
-__all__ = ["T3AConfig", "T3AStrategy"]
+__all__ = ["T3aConfig", "T3aStrategy"]
 
 
 @dataclass(frozen=True)
-class T3AConfig(StrategyConfig):
+class T3aConfig(StrategyConfig):
     """Options of T3A.
 
     Args:
@@ -60,16 +62,19 @@ class T3AConfig(StrategyConfig):
     include_current: bool = True
 
 
-class T3AStrategy(Strategy):
+@register_strategy
+class T3aStrategy(Strategy):
     """Per-subject T3A supports over the frozen model's features and linear head."""
 
-    config_class = T3AConfig
-    config: T3AConfig
+    config_class = T3aConfig
+    config: T3aConfig
     shares_model_forward = True  # a T3A state owns no model tensor: the frozen forward
-    returns_features = True
+    uses_features = True
     variable_memory = Strategy.variable_memory + ("t3a.supports", "t3a.labels", "t3a.entropy")
 
-    def __init__(self, config: T3AConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, config: T3aConfig, runtime: ModelRuntime, source: SourceData | None = None
+    ) -> None:
         weight, bias = runtime.module.linear_head()
         self.head_weight = weight.detach().clone()
         self.head_bias = None if bias is None else bias.detach().clone()

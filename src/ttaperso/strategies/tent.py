@@ -28,10 +28,12 @@ from ..errors import ModelInterfaceError
 from ..functional import softmax_entropy
 from ..gates import EntropyGate, Gate
 from ..norm_layers import norm_affine_parameters
-from ..runtime import ForwardOutput
+from ..runtime import ForwardOutput, ModelRuntime
+from ..source_data import SourceData
 from ..state import SubjectState
-from .base import optimizer_step
+from .base import OptimizerFactory, optimizer_step
 from .norm import GradientNormConfig, NormStrategy
+from .registry import register_strategy
 
 __all__ = ["TentConfig", "TentStrategy", "make_optimizer"]
 
@@ -53,7 +55,7 @@ class TentConfig(GradientNormConfig):
     optimizer: Literal["adam", "sgd"] = "adam"
 
 
-def make_optimizer(kind: str, lr: float, momentum: float):  # type: ignore[no-untyped-def]
+def make_optimizer(kind: str, lr: float, momentum: float) -> OptimizerFactory:
     """Factory building a torch optimizer over a parameter list for one step."""
     # foreach: one multi-tensor kernel per update stage instead of a Python loop over the
     # (tens of) normalization parameters; same update rule.
@@ -62,14 +64,19 @@ def make_optimizer(kind: str, lr: float, momentum: float):  # type: ignore[no-un
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
 
 
+@register_strategy
 class TentStrategy(NormStrategy):
     """TENT with per-subject affine parameters, moments and BN statistics."""
 
     config_class = TentConfig
     config: TentConfig
     per_param_memory = ("grad/",)
+    needs_gradients = True
+    batches_subjects = False  # the prediction forward differentiates the subject's leaves
 
-    def __init__(self, config: TentConfig, runtime, source=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, config: TentConfig, runtime: ModelRuntime, source: SourceData | None = None
+    ) -> None:
         self.param_names = tuple(norm_affine_parameters(runtime.module))
         if not self.param_names:
             raise ModelInterfaceError(
@@ -89,12 +96,14 @@ class TentStrategy(NormStrategy):
     def trainable(self, state: SubjectState) -> tuple[str, ...]:
         return self.param_names
 
-    def adapt(
-        self, state: SubjectState, frames: Tensor, out: ForwardOutput, admitted: Tensor
+    def adapt_admitted(
+        self,
+        state: SubjectState,
+        frames: Tensor,
+        out: ForwardOutput,
+        admitted: Tensor,
+        updated: Tensor,
     ) -> Tensor:
-        self.update_statistics(state, out, admitted)
-        if not bool(admitted.any()):
-            return torch.zeros_like(admitted)
         index = admitted.nonzero().squeeze(1).to(out.logits.device)
         loss = softmax_entropy(out.logits.index_select(0, index)).sum()
         leaves = [out.leaves[n] for n in self.param_names]

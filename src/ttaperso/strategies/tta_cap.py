@@ -52,7 +52,7 @@ slots are a boolean mask, never NaN/Inf sentinels, so states stay finite.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,7 +60,7 @@ from torch import Tensor
 from ..config import StrategyConfig
 from ..errors import InputError, ModelInterfaceError, StateFileError
 from ..functional import normalized_entropy
-from ..gates import EntropyGate, Gate, PrototypeGate, TemporalGate
+from ..gates import PROTOTYPE_SCORES, EntropyGate, Gate, PrototypeGate, TemporalGate
 from ..runtime import ForwardOutput, ModelRuntime
 from ..source_data import SourceData
 from ..state import SubjectState
@@ -75,17 +75,15 @@ from .cache_math import (
     unit,
     video_prediction,
 )
+from .registry import register_strategy
 
-if TYPE_CHECKING:
-    from ..personalizer import Personalizer
-
-__all__ = ["TTACaPConfig", "TTACaPStrategy", "gate_admission_counts", "video_prediction"]
+__all__ = ["TtaCapConfig", "TtaCapStrategy", "video_prediction"]
 
 _SOURCE_CHUNK = 256
 
 
 @dataclass(frozen=True)
-class TTACaPConfig(StrategyConfig):
+class TtaCapConfig(StrategyConfig):
     """Options of TTA-CaP.
 
     Args:
@@ -141,17 +139,19 @@ class TTACaPConfig(StrategyConfig):
         self._check("source_subjects", self.source_subjects >= 1, "an int >= 1")
 
 
-class TTACaPStrategy(Strategy):
+@register_strategy
+class TtaCapStrategy(Strategy):
     """Per subject: personalised source prototypes, positive/negative caches, gate counts."""
 
-    config_class = TTACaPConfig
+    config_class = TtaCapConfig
+    config: TtaCapConfig
     shares_model_forward = True  # caches live in memory; the model part is the frozen forward
-    returns_features = True
-    config: TTACaPConfig
+    uses_features = True
     uses_source = "optional"
+    provides = frozenset({PROTOTYPE_SCORES})  # for the PrototypeGate of its tri-gate
 
     def __init__(
-        self, config: TTACaPConfig, runtime: ModelRuntime, source: SourceData | None = None
+        self, config: TtaCapConfig, runtime: ModelRuntime, source: SourceData | None = None
     ) -> None:
         try:
             weight, _bias = runtime.module.linear_head()
@@ -165,7 +165,6 @@ class TTACaPStrategy(Strategy):
         self.dim = int(self.head_weight.shape[1])
         #: prototypes for when the source sample says nothing about a class
         self.fallback_prototypes = unit(self.head_weight)
-        self._scores: Tensor | None = None
         self._prepare_source(runtime, source)
         super().__init__(config, runtime, source)
 
@@ -299,7 +298,7 @@ class TTACaPStrategy(Strategy):
         memory, cfg = state.memory, self.config
         query = unit(features)
         protos = memory["cap.src_protos"]
-        self._scores = query @ protos.T
+        scores = query @ protos.T
         zero = torch.zeros_like(query)
         src = pos = neg = zero
         active = False
@@ -325,32 +324,47 @@ class TTACaPStrategy(Strategy):
             )
             moved = fused * features.norm(dim=1, keepdim=True) - features
             logits = logits + moved @ self.head_weight.T
-        return ForwardOutput(logits=logits, features=features, leaves={}, moments=None)
+        return ForwardOutput(
+            logits=logits, features=features, extras={**out.extras, PROTOTYPE_SCORES: scores}
+        )
 
-    def apply_gates(self, state: SubjectState, logits: Tensor, labels: Tensor) -> Tensor:
-        """The tri-gate: AND of the gates, counting each gate's admissions per subject."""
-        scores, self._scores = self._scores, None
-        n = labels.shape[0]
-        admitted = torch.ones(n, dtype=torch.bool)
+    def on_gate_decisions(
+        self, state: SubjectState, decisions: list[Tensor], admitted: Tensor
+    ) -> None:
+        """Count each gate's admissions per subject (the tri-gate's diagnostics)."""
         memory = state.memory
-        for i, gate in enumerate(self.config.gates):
-            if isinstance(gate, PrototypeGate):
-                if scores is None:  # pragma: no cover - forward always sets them
-                    raise ModelInterfaceError("tta_cap: prototype scores missing for the gate")
-                mask = gate.admit_scores(scores, labels)
-            else:
-                prefix = f"gate{i}.{gate.kind}."
-                own = {k[len(prefix) :]: v for k, v in memory.items() if k.startswith(prefix)}
-                mask = gate.admit(own, logits, labels).to(torch.bool).cpu()
-                for key, value in own.items():
-                    memory[prefix + key] = value
+        n = int(admitted.numel())
+        for i, mask in enumerate(decisions):
             passed = int(mask.sum())
             memory["cap.gate_admitted"][i] += passed
             memory["cap.gate_rejected"][i] += n - passed
-            admitted &= mask
         memory["cap.frames"] += n
         memory["cap.admitted"] += int(admitted.sum())
-        return admitted
+
+    def gate_counts(self, state: SubjectState) -> dict[str, dict[str, int]]:
+        """Per-gate admitted/rejected frame counts of one subject.
+
+        Keys are the gate kinds (``"temporal"``, ``"entropy"``, ``"prototype"``; ``kind#i``
+        when a kind repeats) plus ``"all"`` (frames that passed every gate, out of all seen).
+        """
+        kinds = [g.kind for g in self.config.gates]
+        admitted = state.memory["cap.gate_admitted"].tolist()
+        rejected = state.memory["cap.gate_rejected"].tolist()
+        out: dict[str, dict[str, int]] = {}
+        for i, kind in enumerate(kinds):
+            key = kind if kinds.count(kind) == 1 else f"{kind}#{i}"
+            out[key] = {"admitted": int(admitted[i]), "rejected": int(rejected[i])}
+        frames, passed = int(state.memory["cap.frames"]), int(state.memory["cap.admitted"])
+        out["all"] = {"admitted": passed, "rejected": frames - passed}
+        return out
+
+    def describe(self, state: SubjectState) -> dict[str, Any]:
+        """Adds ``gates`` (:meth:`gate_counts`) and ``source_subjects`` (those chosen)."""
+        return {
+            **super().describe(state),
+            "gates": self.gate_counts(state),
+            "source_subjects": self.chosen_source_subjects(state),
+        }
 
     # --------------------------------------------------------------- update
     @torch.no_grad()
@@ -414,27 +428,3 @@ class TTACaPStrategy(Strategy):
         """Ids of the source subjects picked for this subject (empty until calibrated)."""
         return [self.source_ids[i] for i in state.memory["cap.source_choice"].tolist() if i >= 0]
 
-
-def gate_admission_counts(p: Personalizer, subject: str) -> dict[str, dict[str, int]]:
-    """Per-gate admitted/rejected frame counts of one ``tta_cap`` subject.
-
-    Keys are the gate kinds (``"temporal"``, ``"entropy"``, ``"prototype"``; ``kind#i`` when a
-    kind repeats) plus ``"all"`` (frames that passed every gate, out of all frames seen).
-    """
-    if p.strategy_name != TTACaPConfig.strategy_name:
-        raise InputError(
-            f"gate_admission_counts reads tta_cap states but this Personalizer runs "
-            f"{p.strategy_name!r}"
-        )
-    state = p.state_dict(subject)
-    gates = p.config.gates
-    kinds = [g.kind for g in gates]
-    out: dict[str, dict[str, int]] = {}
-    admitted = state["memory/cap.gate_admitted"].tolist()
-    rejected = state["memory/cap.gate_rejected"].tolist()
-    for i, kind in enumerate(kinds):
-        key = kind if kinds.count(kind) == 1 else f"{kind}#{i}"
-        out[key] = {"admitted": int(admitted[i]), "rejected": int(rejected[i])}
-    frames, passed = int(state["memory/cap.frames"]), int(state["memory/cap.admitted"])
-    out["all"] = {"admitted": passed, "rejected": frames - passed}
-    return out

@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import (
+from ..errors import ConfigError, InputError
+from ..model import FERModel
+from ..source_data import SourceData
+from .data import (
     JAFFE_EXPRESSIONS,
     YALE_CONDITIONS,
     YALE_EXPRESSION_CONDITIONS,
     data_root,
 )
-from ..errors import ConfigError, InputError
-from ..model import FERModel
-from ..source_data import SourceData
 from .frames import Crop, check_crop, stack_faces, still_face
 from .types import UNLABELLED, SubjectStream
 

@@ -1,7 +1,7 @@
 """Shared pieces of the readers: reading one still, cropping it, stacking crops as a tensor.
 
 Every reader hands its images through :func:`still_face` (or the sequence cropper in
-:mod:`ttaperso.faces`) and :func:`stack_faces`, so all of them crop, resize and scale the same
+:mod:`ttaperso.streams.faces`) and :func:`stack_faces`, so all of them crop, resize and scale the same
 way and fail with the same messages.
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
-from ..faces import crop_face_like_fer, load_gray
+from .faces import crop_face_like_fer, load_gray
 
 __all__ = ["Crop", "check_crop", "resize_gray", "stack_faces", "still_face"]
 

@@ -10,12 +10,12 @@ without a label gives neutral onset frames and unlabelled others.
 Sequence labels come from, in this order: ``sequence_labels`` (a mapping
 ``{(subject, sequence): label name}``), CK+'s ``Emotion`` folder
 (``<emotion_root>/<subject>/<sequence>/*_emotion.txt`` holding a code 0-7, see
-:data:`ttaperso.data.CKPLUS_EMOTIONS`), or a ``label.txt`` file inside the sequence folder
+:data:`ttaperso.streams.data.CKPLUS_EMOTIONS`), or a ``label.txt`` file inside the sequence folder
 holding the label name.
 
 Faces are detected on every frame and cropped like fer; a frame where detection fails is
 cropped with the sequence's last detected box (see
-:func:`ttaperso.faces.crop_sequence_like_fer`); a sequence without any face raises.
+:func:`ttaperso.streams.faces.crop_sequence_like_fer`); a sequence without any face raises.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import CKPLUS_EMOTIONS
 from ..errors import ConfigError, InputError
-from ..faces import crop_sequence_like_fer, load_gray
+from .data import CKPLUS_EMOTIONS
 from .datasets import IMAGE_SUFFIXES
+from .faces import crop_sequence_like_fer, load_gray
 from .frames import Crop, check_crop, resize_gray, stack_faces
 from .types import UNLABELLED, SubjectStream
 

@@ -2,7 +2,7 @@
 
 Every frame is decoded, the face detected with fer's Haar detector and cropped like fer;
 a frame where detection fails keeps the last detected box (frames before the first
-detection use the first one), see :func:`ttaperso.faces.crop_sequence_like_fer`. A video
+detection use the first one), see :func:`ttaperso.streams.faces.crop_sequence_like_fer`. A video
 without any detected face, an unopenable file or one that decodes to no frame raises an
 :class:`~ttaperso.errors.InputError` naming the file.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
-from ..faces import crop_sequence_like_fer
+from .faces import crop_sequence_like_fer
 from .frames import Crop, check_crop, resize_gray, stack_faces
 from .types import UNLABELLED, SubjectStream
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from ..data import data_root
 from ..errors import ConfigError, InputError
 from ..model import FERModel
 from ..source_data import SourceData
+from ..streams.data import data_root
 from ..streams.types import UNLABELLED, SubjectStream
 
 __all__ = [

@@ -75,4 +75,5 @@ def data_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     env = os.environ.get("TTAPERSO_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    # src/ttaperso/streams/data.py -> the checkout is parents[3], the shared folder beside it
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data"

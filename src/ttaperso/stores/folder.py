@@ -1,4 +1,4 @@
-"""Where subject states live: a store interface and the default local folder store.
+"""The default store: subject states as safetensors files in one local folder.
 
 One file per subject: a safetensors file (tensors only: loading it cannot run code) whose
 header metadata carries the JSON description (strategy, config, base-model digest, format
@@ -12,30 +12,19 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from .errors import InputError, StateFileError
-from .io import atomic_write_bytes
+from ..errors import InputError, StateFileError
+from ..io import atomic_write_bytes
+from .base import FORMAT_NAME, FORMAT_VERSION, StateVersion, state_digest
 
-__all__ = [
-    "StateStore",
-    "FolderStore",
-    "StateVersion",
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "subject_filename",
-    "state_digest",
-]
+__all__ = ["FolderStore", "MAX_STATE_FILE_BYTES", "subject_filename"]
 
-FORMAT_NAME = "ttaperso.subject-state"
-FORMAT_VERSION = 1
 _META_KEY = "ttaperso"
 #: header keys beside the JSON description (kept out of it so metadata round-trips as given)
 _DIGEST_KEY = "ttaperso.state_digest"
@@ -44,20 +33,6 @@ _SUFFIX = ".safetensors"
 _VERSIONS_DIR = ".versions"
 #: refuse state files above this size before reading them (a subject state is KiB to MiB)
 MAX_STATE_FILE_BYTES = 512 * 1024 * 1024
-
-
-@runtime_checkable
-class StateStore(Protocol):
-    """Persistence of subject states (implement it to keep states elsewhere)."""
-
-    def write(self, subject: str, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
-        """Store one subject's tensors and JSON-safe metadata, atomically."""
-
-    def read(self, subject: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Return the tensors and metadata stored for ``subject``."""
-
-    def subjects(self) -> list[str]:
-        """Ids of the stored subjects."""
 
 
 def subject_filename(subject: str) -> str:
@@ -78,29 +53,6 @@ def _owned(tensor: Tensor) -> Tensor:
     if t.untyped_storage().nbytes() != t.numel() * t.element_size():
         t = t.clone()  # serialisers may refuse or duplicate tensors that share a buffer
     return t
-
-
-def state_digest(tensors: dict[str, Tensor]) -> str:
-    """SHA-256 over the sorted keys, dtypes, shapes and bytes of a flat state dict.
-
-    The same state gives the same digest in memory, in its file, and in the audit log.
-    """
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class StateVersion:
-    """One kept version of a subject's state (see ``FolderStore(keep_versions=...)``)."""
-
-    version: int
-    digest: str
-    saved_at: float
-    path: Path
 
 
 class FolderStore:
