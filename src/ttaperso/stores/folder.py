@@ -9,26 +9,20 @@ are replaced together, atomically.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from ..errors import InputError, StateFileError
 from ..io import atomic_write_bytes
-from .base import FORMAT_NAME, FORMAT_VERSION, StateVersion, state_digest
+from .base import StateVersion, state_digest
+from .codec import decode_state, encode_state
 
 __all__ = ["FolderStore", "MAX_STATE_FILE_BYTES", "subject_filename"]
 
-_META_KEY = "ttaperso"
-#: header keys beside the JSON description (kept out of it so metadata round-trips as given)
-_DIGEST_KEY = "ttaperso.state_digest"
-_VERSION_KEY = "ttaperso.state_version"
 _SUFFIX = ".safetensors"
 _VERSIONS_DIR = ".versions"
 #: refuse state files above this size before reading them (a subject state is KiB to MiB)
@@ -45,14 +39,6 @@ def subject_filename(subject: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", subject)[:48].strip("_") or "subject"
     digest = hashlib.sha256(subject.encode("utf-8")).hexdigest()[:16]
     return f"{slug}-{digest}{_SUFFIX}"
-
-
-def _owned(tensor: Tensor) -> Tensor:
-    """A CPU tensor that owns its storage (packed states hold views into one buffer)."""
-    t = tensor.detach().cpu().contiguous()
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.clone()  # serialisers may refuse or duplicate tensors that share a buffer
-    return t
 
 
 class FolderStore:
@@ -100,25 +86,18 @@ class FolderStore:
         file complete.
         """
         self.path.mkdir(parents=True, exist_ok=True)
-        flat = {k: _owned(v) for k, v in tensors.items()}
-        digest = state_digest(flat)
-        header = {
-            _META_KEY: json.dumps({**metadata, "subject": subject}, sort_keys=True),
-            _DIGEST_KEY: digest,
-        }
         kept: StateVersion | None = None
         if self.keep_versions:
             numbers = self._version_numbers(subject)
             number = (numbers[-1] + 1) if numbers else 1
-            header[_VERSION_KEY] = str(number)
-            data = save_safetensors(flat, header)
+            data, digest = encode_state(tensors, metadata, subject, number)
             folder = self._version_dir(subject)
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{number:010d}{_SUFFIX}"
             atomic_write_bytes(path, data)
             kept = StateVersion(number, digest, time.time(), path)
         else:
-            data = save_safetensors(flat, header)
+            data, _ = encode_state(tensors, metadata, subject, None)
         atomic_write_bytes(self.path / subject_filename(subject), data)
         if self.keep_versions:
             for old in self._version_numbers(subject)[: -self.keep_versions]:
@@ -173,32 +152,12 @@ class FolderStore:
             size = file.stat().st_size
             if size > MAX_STATE_FILE_BYTES:
                 raise StateFileError(f"{file}: {size} bytes is larger than any subject state")
-            # One handle for header and tensors: a concurrent atomic replace cannot mix files.
-            with safe_open(file, framework="pt") as handle:
-                header = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            if isinstance(exc, StateFileError):
-                raise
+            # One read: a concurrent atomic replace cannot mix two files' header and tensors.
+            data = file.read_bytes()
+        except OSError as exc:
             raise StateFileError(f"{file}: not a readable ttaperso state file ({exc})") from exc
-        if _META_KEY not in header:
-            raise StateFileError(
-                f"{file}: safetensors file without ttaperso metadata (foreign file)"
-            )
-        try:
-            metadata = json.loads(header[_META_KEY])
-        except json.JSONDecodeError as exc:
-            raise StateFileError(f"{file}: corrupt ttaperso metadata ({exc})") from exc
-        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
-            raise StateFileError(f"{file}: not a ttaperso subject state (format {metadata!r:.80})")
-        if metadata.get("version") != FORMAT_VERSION:
-            raise StateFileError(
-                f"{file}: state format version {metadata.get('version')!r}, this ttaperso reads {FORMAT_VERSION}"
-            )
-        stored = header.get(_DIGEST_KEY)
-        if stored is not None and stored != state_digest(tensors):
-            raise StateFileError(f"{file}: tensors do not match the digest in the file's header")
-        return tensors, metadata, stored
+        decoded = decode_state(data, str(file))
+        return decoded.tensors, decoded.metadata, decoded.digest
 
     def _files(self) -> list[Path]:
         if not self.path.is_dir():
