@@ -589,7 +589,7 @@ def test_bad_config_values(personalizer_factory: PersonalizerFactory, strategy: 
         personalizer_factory(strategy, smoothing="3")
     with pytest.raises(ConfigError, match=r"`episodic`.*bool but got 1"):
         personalizer_factory(strategy, episodic=1)
-    with pytest.raises(ConfigError, match=r"`gates`.*list of gates"):
+    with pytest.raises(ConfigError, match=r"`gates`.*list of Gate"):
         personalizer_factory(strategy, gates={"kind": "temporal"})
     with pytest.raises(ConfigError, match=r"Unknown gate kind 'magic'"):
         personalizer_factory(strategy, gates=[{"kind": "magic"}])
