@@ -32,8 +32,10 @@ FORMAT_VERSION = 1
 class StateStore(Protocol):
     """Persistence of subject states (implement it to keep states elsewhere)."""
 
-    def write(self, subject: str, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
-        """Store one subject's tensors and JSON-safe metadata, atomically."""
+    def write(
+        self, subject: str, tensors: dict[str, Tensor], metadata: dict[str, Any]
+    ) -> StateVersion | None:
+        """Store one subject's tensors and JSON-safe metadata, atomically; the version kept."""
 
     def read(self, subject: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Return the tensors and metadata stored for ``subject``."""
