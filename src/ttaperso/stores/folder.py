@@ -216,7 +216,8 @@ class FolderStore:
                     fs.atomic_write(vdir, _version_name(number), data)
                 else:
                     fs.remove(vdir, _version_name(number))
-            self._remove_temps(root, prefix=f".{name}.")
+            # (This subject's dead temp files in the folder itself go in the sweep: listing a
+            # folder of 10,000 states on every write would make saving all of them quadratic.)
             fs.atomic_write(root, name, data)
             if vdir is not None and self.keep_versions:
                 kept = [n for n in self._numbers(vdir) if n <= number]
