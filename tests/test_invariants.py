@@ -198,7 +198,10 @@ def test_isolation_no_shared_storage(
     p.predict(target_frames(1, seed=6), "C")  # a fresh subject, before any update
     a, b, c = (_storages(_live_state(p, s)) for s in ("A", "B", "C"))
     shared_model = _storages(
-        {**dict(p.strategy.runtime.module.named_parameters()), **dict(p.strategy.runtime.module.named_buffers())}
+        {
+            **dict(p.strategy.runtime.module.named_parameters()),
+            **dict(p.strategy.runtime.module.named_buffers()),
+        }
     )
     caller = _storages(dict(model.state_dict()))
     initial = _storages(p.strategy._initial.flat())
@@ -602,10 +605,12 @@ def _victim(
     return p
 
 
-def _assert_load_refused(p: ttaperso.Personalizer, folder: Path, pattern: str) -> None:
+def _assert_load_refused(
+    p: ttaperso.Personalizer, folder: Path, pattern: str, **load_options: Any
+) -> None:
     before, subjects = all_states(p), p.subjects
     with pytest.raises(StateFileError, match=pattern):
-        p.load(folder)
+        p.load(folder, **load_options)
     assert p.subjects == subjects
     after = all_states(p)
     assert all(states_equal(before[s], after[s]) for s in subjects)
@@ -677,7 +682,10 @@ def test_state_with_other_layout(
 ) -> None:
     """Same strategy, config that changes the tensor layout (smoothing memory) -> refused."""
     _saved(personalizer_factory, strategy, tmp_path, smoothing=3)
-    _assert_load_refused(_victim(personalizer_factory, strategy), tmp_path, r"smooth\.probs")
+    victim = _victim(personalizer_factory, strategy)
+    _assert_load_refused(victim, tmp_path, r"another \w+ config \(smoothing: saved 3")
+    # Even when a config change is allowed, the tensors must fit this config's layout.
+    _assert_load_refused(victim, tmp_path, r"smooth\.probs", allow_config_change=True)
 
 
 def _misshapen(t: Tensor) -> Tensor:

@@ -336,4 +336,3 @@ class FisherStrategy(NormStrategy):
             )
         if state.memory["fisher.last_probs"].shape[0] > 1:
             raise StateFileError(f"{source}: memory/fisher.last_probs holds more than one frame")
-

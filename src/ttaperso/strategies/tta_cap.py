@@ -429,4 +429,3 @@ class TtaCapStrategy(Strategy):
     def chosen_source_subjects(self, state: SubjectState) -> list[str]:
         """Ids of the source subjects picked for this subject (empty until calibrated)."""
         return [self.source_ids[i] for i in state.memory["cap.source_choice"].tolist() if i >= 0]
-
