@@ -59,7 +59,7 @@ def test_quick_demo_table_has_a_row_per_subject_and_every_strategy(quick_demo: d
         # a strategy either ran (a column) or is listed as not applicable, with the reason
         assert name in header or any(line.startswith(f"n/a  {name}:") for line in lines)
         assert (name in results["accuracy"]) != (name in results["unavailable"])
-    assert "tent (1/call)" in results["accuracy"]
+    assert f"{ttaperso.DEFAULT_STRATEGY} (1/call)" in results["accuracy"]
 
 
 def test_quick_demo_caches_weights_as_safetensors(quick_demo: dict) -> None:

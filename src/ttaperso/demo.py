@@ -37,9 +37,10 @@ from torch import Tensor, nn
 from . import synthface
 from .adapters.torch_classifier import TorchClassifier
 from .cache import cache_root, load_cached_weights, save_cached_weights
-from .errors import ModelInterfaceError, TTAPersoError
+from .errors import ConfigError, ModelInterfaceError, TTAPersoError
 from .model import FERModel
 from .personalizer import Personalizer
+from .personalizer.personalizer import DEFAULT_STRATEGY
 from .source_data import SourceData
 from .strategies import list_strategies
 from .streams.types import SubjectStream
@@ -62,7 +63,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEMO_BATCH = 8
-FRAME_BY_FRAME = "tent"  # the strategy also run one frame per call
+#: the strategy also run one frame per call: the default one (what `Personalizer(model)` runs)
+FRAME_BY_FRAME = DEFAULT_STRATEGY
 #: frame side of the demo (SynthFace renders at this size directly; 32 px keeps training
 #: on 2 CPU cores to about a minute while brows, lids and lips stay a few pixels wide)
 IMAGE_SIZE = 32
@@ -482,6 +484,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = False) -> dict[st
         (``unavailable``), the frozen model's accuracy on held-out source subjects and on the
         targets, the configs used, timings and the output paths.
     """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"Expected argument `seed` to be an int >= 0 but got {seed!r}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
