@@ -82,8 +82,8 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
         "to each face as it goes. Writes predictions.csv/.jsonl (one row per frame and "
         "face), annotated.mp4, timeline.png and the subjects' states to --out. Ctrl-C "
         "saves the states and stops.",
-        epilog="example: ttaperso run interview.mp4 --subject patient-017 --states states/ "
-        "--calibrate-neutral 3 lr=1e-4\n"
+        epilog="example: ttaperso run interview.mp4 lr=1e-4 --subject patient-017 "
+        "--states states/ --calibrate-neutral 3\n"
         "KEY=VALUE: strategy options (see `ttaperso strategies`), values in TOML syntax.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -91,7 +91,10 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
         "source", metavar="SOURCE", help="video file, image folder, camera index or URL"
     )
     run.add_argument(
-        "options", nargs="*", metavar="KEY=VALUE", help="strategy options (e.g. lr=1e-4)"
+        "options",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="strategy options right after SOURCE (e.g. lr=1e-4)",
     )
     run.add_argument(
         "--out", default="ttaperso-run/", metavar="DIR", help="output folder (default: %(default)s)"

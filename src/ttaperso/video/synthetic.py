@@ -13,14 +13,17 @@ videos) and ``experiments/run_speed.py``.
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, InputError
 
-__all__ = ["SyntheticVideo", "write_synthface_video"]
+__all__ = ["SyntheticVideo", "identity_consistency", "write_synthface_video"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +135,43 @@ def write_synthface_video(
         writer.release()
     boxes = np.array([(x, y, face_size, face_size) for x, y in corners], dtype=np.int64)
     return SyntheticVideo(out, total, float(fps), labels, boxes, centres)
+
+
+def identity_consistency(
+    video: SyntheticVideo, rows: Iterable[tuple[int, str, tuple[int, int, int, int]]]
+) -> dict[str, Any]:
+    """How well subject ids follow the people of a synthetic video.
+
+    Args:
+        video: what :func:`write_synthface_video` returned.
+        rows: ``(frame, subject, (x, y, w, h))`` for every reported face (e.g. from
+            ``predictions.csv``).
+
+    Returns:
+        ``per_person``: for each person, its majority subject id and the fraction of *all*
+        the video's frames in which a face reported under that id sits on the person
+        (frames where the person is missed or carries another id count as failures);
+        ``distinct``: whether the people's majority ids all differ; ``min``: the worst
+        person's fraction.
+    """
+    face = float(video.boxes[0, 2])
+    seen: list[list[str | None]] = [[None] * video.frames for _ in range(video.boxes.shape[0])]
+    for frame, subject, (x, y, w, h) in rows:
+        if not subject or not 0 <= frame < video.frames:
+            continue
+        cx, cy = x + w / 2, y + h / 2
+        dist = np.hypot(video.centres[frame, :, 0] - cx, video.centres[frame, :, 1] - cy)
+        person = int(np.argmin(dist))
+        if dist[person] <= face / 2:
+            seen[person][frame] = subject
+    per_person = []
+    for ids in seen:
+        counts = Counter(i for i in ids if i is not None)
+        subject, hits = counts.most_common(1)[0] if counts else (None, 0)
+        per_person.append({"subject": subject, "fraction": hits / video.frames})
+    majority = [p["subject"] for p in per_person]
+    return {
+        "per_person": per_person,
+        "distinct": None not in majority and len(set(majority)) == len(majority),
+        "min": min(p["fraction"] for p in per_person),
+    }
