@@ -153,6 +153,13 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop with an error after this long without any face (0: never; default: %(default)s)",
     )
+    run.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="frames predicted per call (latency of N-1 frames; default: %(default)s)",
+    )
     run.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
     run.add_argument("--no-video", action="store_true", help="do not write annotated.mp4")
     run.add_argument(
@@ -249,6 +256,7 @@ def run_command(args: argparse.Namespace, argv: Any = None) -> int:
             calibrate_neutral=args.calibrate_neutral,
             scan_every=args.scan_every,
             no_face_timeout=args.no_face_timeout,
+            batch=args.batch,
         )
         out.mkdir(parents=True, exist_ok=True)
         return _loop(
@@ -294,23 +302,30 @@ def _loop(
     t0, c0 = time.perf_counter(), time.process_time()
     faces = 0
     session.start(source.fps)
+
+    def emit(results: list[Any]) -> None:
+        nonlocal faces
+        for result in results:
+            predictions.write(result)
+            if video is not None:
+                video.write(result)
+            timeline.add(result)
+            faces += sum(f.face_found for f in result.faces)
+            bar.update()
+
     with _Stop() as stop:
         try:
             for frame in source:
-                result = session.process(frame)
-                predictions.write(result)
-                if video is not None:
-                    video.write(result)
-                timeline.add(result)
-                faces += sum(f.face_found for f in result.faces)
-                bar.update()
+                emit(session.push(frame))
                 if stop.requested:
                     status = "interrupted"
                     break
-                if args.max_frames and predictions.frames >= args.max_frames:
+                if args.max_frames and frame.index + 1 >= args.max_frames:
                     break
+            emit(session.flush())
         except no_face_error as exc:
             status, error = "no face", exc
+            emit(getattr(exc, "results", []))
         except TTAPersoError as exc:
             status, error = "error", exc
         finally:

@@ -14,7 +14,8 @@ Per frame:
    per face through short misses;
 3. **crop** each detected face as the fer package does
    (:func:`ttaperso.streams.faces.crop_box_like_fer`: squared, widened by 10 px,
-   mean-grey padded, 64 x 64 gray) and **predict** all of a frame's faces in one
+   mean-grey padded, 64 x 64 gray) and **predict** them, ``batch`` frames at a time (8
+   by default), every face of those frames in one
    :meth:`~ttaperso.Personalizer.predict_many` call, which adapts each subject's state;
 4. a face carried over a miss (no detection this frame) is reported with its last box
    and its subject's last probabilities, ``face_found=False``, and adapts nothing: a
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,12 @@ MAX_CALIBRATION_FRAMES = 512
 
 
 class NoFaceError(InputError):
-    """No face was found for longer than the session's ``no_face_timeout``."""
+    """No face was found for longer than the session's ``no_face_timeout``.
+
+    ``results``: the frames completed before it (so that nothing already seen is lost).
+    """
+
+    results: list[FrameResult] = []  # noqa: RUF012 - replaced per instance by Session.push
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,20 @@ class FrameResult:
     image: np.ndarray = field(repr=False)
 
 
+@dataclass(frozen=True)
+class _PendingFace:
+    subject: str
+    box: Box
+    crop: np.ndarray | None  # None: carried over (not detected this frame)
+    calibrating: bool
+
+
+@dataclass(frozen=True)
+class _Pending:
+    frame: Frame
+    faces: list[_PendingFace]
+
+
 @dataclass
 class _Calibration:
     crops: list[np.ndarray] = field(default_factory=list)
@@ -133,6 +154,11 @@ class Session:
             1 by default: a frame's few face crops are tiny batches, for which more
             threads cost more than they save (10-60x slower on a busy 2-core machine).
             None leaves torch's setting alone.
+        batch: frames predicted per call (1: each frame at once). Batching divides the
+            model's per-call cost (a batch-1 forward of the fer model costs nearly what a
+            batch-8 one does) at the price of up to ``batch - 1`` frames of latency; the
+            default 8 is the demo's and the studies' video batch. Faces are found and
+            followed frame by frame either way.
     """
 
     def __init__(
@@ -147,6 +173,7 @@ class Session:
         forget_after_s: float = 10.0,
         no_face_timeout: float = 10.0,
         threads: int | None = 1,
+        batch: int = 8,
     ) -> None:
         if not isinstance(personalizer, Personalizer):
             raise ConfigError(f"Expected a Personalizer but got {type(personalizer).__name__}")
@@ -181,6 +208,12 @@ class Session:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ConfigError(f"Expected threads to be a positive int or None but got {threads!r}")
         self.threads = threads
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 256:
+            raise ConfigError(
+                f"Expected batch to be a number of frames from 1 to 256 but got {batch!r}"
+            )
+        self.batch = batch
+        self._pending: list[_Pending] = []
         self.tracker: FaceTracker | None = None
         self._last_scan = -(10**9)
         self._last_face_time: float | None = None
@@ -199,19 +232,68 @@ class Session:
         )
         self._last_scan = -(10**9)
         self._last_face_time = None
+        self._pending = []
 
     def process(self, frame: Frame) -> FrameResult:
-        """Find, follow, crop, predict and adapt the faces of one frame."""
+        """Find, follow, crop, predict and adapt the faces of one frame, now (no batching)."""
+        results = self.push(frame) + self.flush()
+        if len(results) != 1:  # frames pushed earlier were still pending
+            raise ConfigError(
+                "process() cannot follow push() without flush(); use one or the other"
+            )
+        return results[0]
+
+    def push(self, frame: Frame) -> list[FrameResult]:
+        """Add one frame; return the results that are complete (in frame order).
+
+        Faces are found and followed at once; predictions run when ``batch`` frames are
+        pending (one :meth:`~ttaperso.Personalizer.predict_many` call for all of them), so
+        results come out up to ``batch - 1`` frames late. :meth:`flush` completes the rest.
+
+        Raises:
+            NoFaceError: no face for ``no_face_timeout`` seconds; its ``results`` attribute
+                holds the frames completed before it.
+        """
+        with self._threads():
+            self._pending.append(self._observe(frame))
+            if self._timed_out(frame):
+                error = NoFaceError(
+                    f"{frame.name}: no face found for {frame.time - self._last_face_time:.1f} s "  # type: ignore[operator]
+                    f"(since {self._last_face_time:.1f} s); is a face in view, large enough "
+                    f"(>= {self.detector.min_size} px) and lit? (or try the MTCNN detector)"
+                )
+                error.results = self._predict_pending()
+                raise error
+            if len(self._pending) >= self.batch:
+                return self._predict_pending()
+            return []
+
+    def flush(self) -> list[FrameResult]:
+        """Predict every pending frame; return their results in frame order."""
+        with self._threads():
+            return self._predict_pending()
+
+    @contextmanager
+    def _threads(self) -> Iterator[None]:
         if self.threads is None:
-            return self._process(frame)
+            yield
+            return
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return self._process(frame)
+            yield
         finally:
             torch.set_num_threads(previous)
 
-    def _process(self, frame: Frame) -> FrameResult:
+    def _timed_out(self, frame: Frame) -> bool:
+        return bool(
+            self.no_face_timeout
+            and self._last_face_time is not None
+            and frame.time - self._last_face_time >= self.no_face_timeout
+        )
+
+    def _observe(self, frame: Frame) -> _Pending:
+        """Find and follow the frame's faces, crop the detected ones (nothing predicted yet)."""
         if self.tracker is None:
             self.start(25.0)
         assert self.tracker is not None  # for type checkers; set just above
@@ -220,17 +302,17 @@ class Session:
         tracks = self.tracker.update(detections, frame.time)
         if detections or self._last_face_time is None:
             self._last_face_time = frame.time  # the timeout counts from the first frame
-        if (
-            self.no_face_timeout
-            and self._last_face_time is not None
-            and frame.time - self._last_face_time >= self.no_face_timeout
-        ):
-            raise NoFaceError(
-                f"{frame.name}: no face found for {frame.time - self._last_face_time:.1f} s "
-                f"(since {self._last_face_time:.1f} s); is a face in view, large enough "
-                f"(>= {self.detector.min_size} px) and lit? (or try the MTCNN detector)"
-            )
-        return FrameResult(frame.index, frame.time, self._predict(frame, gray, tracks), frame.image)
+        faces = []
+        for track in tracks:
+            if track.subject not in self.subjects:
+                self.subjects.append(track.subject)
+            crop = crop_box_like_fer(gray, track.box, CROP_SIZE) if track.detected else None
+            if crop is None:  # not detected, or the widened box lies outside the frame
+                faces.append(_PendingFace(track.subject, track.box, None, False))
+            else:
+                calibrating = self._calibrating(track, frame.time, crop)
+                faces.append(_PendingFace(track.subject, track.box, crop, calibrating))
+        return _Pending(frame, faces)
 
     def _find(self, frame: Frame, gray: np.ndarray) -> list[Detection]:
         assert self.tracker is not None
@@ -250,47 +332,58 @@ class Session:
                     found.append(det)
         return found
 
-    def _predict(
-        self, frame: Frame, gray: np.ndarray, tracks: list[Track]
-    ) -> tuple[FaceResult, ...]:
+    def _predict_pending(self) -> list[FrameResult]:
+        """One predict_many for the pending frames' adapting crops, one frozen forward for
+        the calibrating ones; then the results, frame by frame."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
         p = self.personalizer
-        batch: dict[str, torch.Tensor] = {}
-        frozen: dict[str, torch.Tensor] = {}
-        for track in tracks:
-            if track.subject not in self.subjects:
-                self.subjects.append(track.subject)
-            if not track.detected:
-                continue
-            crop = crop_box_like_fer(gray, track.box, CROP_SIZE)
-            if crop is None:  # the widened box lies outside the frame
-                track.detected = False
-                continue
-            x = torch.from_numpy(crop)[None, None]  # uint8 (1, 1, 64, 64): raw pixels
-            if self._calibrating(track, frame.time, crop):
-                frozen[track.subject] = x
-            else:
-                batch[track.subject] = x
-        outputs = p.predict_many(batch) if batch else {}
+        adapt: dict[str, list[np.ndarray]] = {}
+        frozen: list[np.ndarray] = []
+        for entry in pending:
+            for face in entry.faces:
+                if face.crop is not None:
+                    (frozen if face.calibrating else adapt.setdefault(face.subject, [])).append(
+                        face.crop
+                    )
+        # uint8 (k, 1, 64, 64): raw pixels, prepared by the model inside predict
+        outputs = (
+            p.predict_many({s: torch.from_numpy(np.stack(c))[:, None] for s, c in adapt.items()})
+            if adapt
+            else {}
+        )
+        frozen_probs = None
+        if frozen:
+            with torch.no_grad():
+                logits = p.predict_frozen(torch.from_numpy(np.stack(frozen))[:, None])
+            frozen_probs = torch.softmax(logits, dim=1)
+        seen = dict.fromkeys(outputs, 0)
+        frozen_seen = 0
         results = []
-        for track in tracks:
-            s = track.subject
-            if s in outputs:
-                out = outputs[s]
-                probs = tuple(float(v) for v in out.probs[0].tolist())
-                label = p.labels[int(out.labels[0])]
-                self._last[s] = (label, probs)
-                results.append(FaceResult(s, track.box, True, label, probs, bool(out.updated[0])))
-            elif s in frozen:
-                with torch.no_grad():
-                    logits = p.predict_frozen(frozen[s])
-                probs = tuple(float(v) for v in torch.softmax(logits, dim=1)[0].tolist())
+        for entry in pending:
+            faces = []
+            for face in entry.faces:
+                s = face.subject
+                if face.crop is None:  # carried over a miss: the subject's last output
+                    label, probs = self._last.get(s, ("", ()))
+                    faces.append(FaceResult(s, face.box, False, label, probs, False))
+                    continue
+                if face.calibrating:
+                    assert frozen_probs is not None
+                    row, updated = frozen_probs[frozen_seen], False
+                    frozen_seen += 1
+                else:
+                    i = seen[s]
+                    seen[s] += 1
+                    row, updated = outputs[s].probs[i], bool(outputs[s].updated[i])
+                probs = tuple(float(v) for v in row.tolist())
                 label = p.labels[int(np.argmax(probs))]
                 self._last[s] = (label, probs)
-                results.append(FaceResult(s, track.box, True, label, probs, False, True))
-            else:
-                label, probs = self._last.get(s, ("", ()))
-                results.append(FaceResult(s, track.box, False, label, probs, False))
-        return tuple(results)
+                faces.append(FaceResult(s, face.box, True, label, probs, updated, face.calibrating))
+            frame = entry.frame
+            results.append(FrameResult(frame.index, frame.time, tuple(faces), frame.image))
+        return results
 
     def _calibrating(self, track: Track, t: float, crop: np.ndarray) -> bool:
         """Whether ``track``'s frame goes into its neutral baseline (calibrating at its end)."""
@@ -318,7 +411,8 @@ class Session:
         """Process every frame of ``source`` in order (the source is not closed)."""
         self.start(source.fps)
         for frame in source:
-            yield self.process(frame)
+            yield from self.push(frame)
+        yield from self.flush()
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
