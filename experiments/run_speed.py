@@ -8,7 +8,7 @@ detector, annotated MP4 and every other output included) and reports per video:
 * wall time / video duration (goal <= 1.5) and the process's CPU time (user + system,
   from ``resource.getrusage(RUSAGE_CHILDREN)``: what an idle machine would need; the
   machine is shared, so the load average before and after is printed too);
-* peak resident memory of the process (``ru_maxrss``; goal <= 1 GB whatever the length);
+* peak resident memory of the process (its ``VmHWM``; goal <= 1 GB whatever the length);
 * frames whose face was found, frames that adapted the state;
 * for a two-face video: the identity consistency (fraction of each person's frames
   reported under their own subject id; goal >= 0.95).
@@ -60,8 +60,10 @@ def run_one(video: Path, out: Path, extra: list[str]) -> dict[str, object]:
     return {
         "wall_s": wall,
         "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-        # ru_maxrss of RUSAGE_CHILDREN is the largest child's peak (KiB on Linux)
-        "peak_rss_mb": after.ru_maxrss / 1024,
+        # the process's own high-water mark (VmHWM, see ttaperso.video.command): the
+        # children's ru_maxrss would also count this parent's pages, which a forked
+        # child holds until it starts the new program
+        "peak_rss_mb": summary["peak_rss_mb"],
         "frames": summary["frames"],
         "faces_found": sum(r["face_found"] == "true" for r in rows),
         "updated": sum(r["updated"] == "true" for r in rows),
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--two-faces", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--two-faces-seconds", type=float, default=60.0)
     parser.add_argument("--work", help="folder for the videos (default: a temporary one)")
-    parser.add_argument("--out", default=str(REPO / "experiments" / "results"), help="results folder")
+    parser.add_argument(
+        "--out", default=str(REPO / "experiments" / "results"), help="results folder"
+    )
     args = parser.parse_args(argv)
 
     from ttaperso.video.synthetic import identity_consistency, write_synthface_video

@@ -228,6 +228,28 @@ class _Stop:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB.
+
+    ``VmHWM`` from /proc (Linux): the high-water mark of this program's own address space.
+    ``ru_maxrss`` is the fallback; on Linux it also counts the parent's pages a forked
+    child held before it started this program.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (ImportError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
 def run_command(args: argparse.Namespace, argv: Any = None) -> int:
     """Run ``ttaperso run``; return the exit code (0, 1 after an error, 130 on Ctrl-C)."""
     from ..personalizer import Personalizer
@@ -353,6 +375,7 @@ def _loop(
         "wall_s": wall,
         "cpu_s": cpu,
         "frames_per_s": predictions.frames / wall if wall > 0 else None,
+        "peak_rss_mb": _peak_rss_mb(),
         "outputs": {
             "csv": str(predictions.csv_path),
             "jsonl": str(predictions.jsonl_path),
