@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -40,7 +41,7 @@ def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def run_one(video: Path, out: Path, extra: list[str]) -> dict[str, object]:
+def run_one(video: Path, out: Path, extra: list[str]) -> dict[str, Any]:
     """``python -m ttaperso run`` in a child process; its wall, CPU and peak memory."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_before = _load()
@@ -90,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="run_speed-"))
     work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, object] = {"machine": {"cpus": os.cpu_count()}, "runs": []}
-    runs: list[dict[str, object]] = []
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "runs": []}
+    runs: list[dict[str, Any]] = []
     for seconds in [float(s) for s in args.durations.split(",") if s]:
         video = write_synthface_video(work / f"one-{int(seconds)}s.mp4", seconds=seconds)
         r = run_one(video.path, work / f"out-{int(seconds)}s", ["--subject", "s"])

@@ -96,7 +96,12 @@ def test_camera_index_opens_a_live_capture_and_decodes_nothing_ahead(
 ) -> None:
     fake = _FakeCapture()
     opened: list[object] = []
-    monkeypatch.setattr(sources_module, "_open_capture", lambda t: opened.append(t) or fake)
+
+    def opener(target: object) -> _FakeCapture:
+        opened.append(target)
+        return fake
+
+    monkeypatch.setattr(sources_module, "_open_capture", opener)
     source = open_source("0")
     assert opened == [0] and source.live and source.fps == 25.0 and source.frame_count is None
     it = iter(source)
@@ -109,9 +114,12 @@ def test_camera_index_opens_a_live_capture_and_decodes_nothing_ahead(
 
 def test_stream_url_goes_to_opencv(monkeypatch: pytest.MonkeyPatch) -> None:
     opened: list[object] = []
-    monkeypatch.setattr(
-        sources_module, "_open_capture", lambda t: opened.append(t) or _FakeCapture(1)
-    )
+
+    def opener(target: object) -> _FakeCapture:
+        opened.append(target)
+        return _FakeCapture(1)
+
+    monkeypatch.setattr(sources_module, "_open_capture", opener)
     source = open_source("rtsp://127.0.0.1:8554/cam")
     assert opened == ["rtsp://127.0.0.1:8554/cam"] and source.live
 

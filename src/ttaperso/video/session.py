@@ -505,7 +505,9 @@ def _run(
         try:
             yield from session.run(source)
         finally:
-            if states is not None and p.subjects:
-                p.save(states)
+            # only this run's subjects: resumed states it never touched stay as they were
+            touched = [s for s in session.subjects if s in p.subjects]
+            if states is not None and touched:
+                p.save(states, touched)
     finally:
         source.close()

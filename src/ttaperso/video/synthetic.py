@@ -96,7 +96,7 @@ def write_synthface_video(
         )
     total = int(round(seconds * fps))
     out = Path(path)
-    fourcc = cv2.VideoWriter_fourcc(*("MJPG" if out.suffix.lower() == ".avi" else "mp4v"))
+    fourcc = cv2.VideoWriter.fourcc(*("MJPG" if out.suffix.lower() == ".avi" else "mp4v"))
     writer = cv2.VideoWriter(str(out), fourcc, float(fps), (width, height), False)
     if not writer.isOpened():
         raise InputError(f"{out}: OpenCV cannot write a video file here")
@@ -164,14 +164,14 @@ def identity_consistency(
         person = int(np.argmin(dist))
         if dist[person] <= face / 2:
             seen[person][frame] = subject
-    per_person = []
+    per_person: list[dict[str, Any]] = []
     for ids in seen:
         counts = Counter(i for i in ids if i is not None)
-        subject, hits = counts.most_common(1)[0] if counts else (None, 0)
-        per_person.append({"subject": subject, "fraction": hits / video.frames})
+        majority_id, hits = counts.most_common(1)[0] if counts else ("", 0)
+        per_person.append({"subject": majority_id or None, "fraction": hits / video.frames})
     majority = [p["subject"] for p in per_person]
     return {
         "per_person": per_person,
         "distinct": None not in majority and len(set(majority)) == len(majority),
-        "min": min(p["fraction"] for p in per_person),
+        "min": min(float(p["fraction"]) for p in per_person),
     }

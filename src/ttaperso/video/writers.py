@@ -73,13 +73,12 @@ class PredictionWriter:
             return row
         x, y, w, h = face.box
         row.update(subject=face.subject, x=x, y=y, w=w, h=h, label=face.label)
-        probs = face.probs or ("",) * len(self.labels)
-        row.update(
-            {
-                f"p_{label}": (round(v, 6) if v != "" else "")
-                for label, v in zip(self.labels, probs, strict=True)
-            }
-        )
+        if face.probs:
+            row.update(
+                {f"p_{k}": round(v, 6) for k, v in zip(self.labels, face.probs, strict=True)}
+            )
+        else:  # a subject carried over before its first prediction
+            row.update({f"p_{k}": "" for k in self.labels})
         row.update(updated=face.updated, face_found=face.face_found)
         return row
 
@@ -140,7 +139,7 @@ class AnnotatedVideoWriter:
         image = result.image
         if self._writer is None:
             h, w = image.shape[:2]
-            fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+            fourcc = cv2.VideoWriter.fourcc(*"mp4v")
             self._writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, (w, h))
             if not self._writer.isOpened():
                 from ..errors import InputError
