@@ -281,3 +281,19 @@ def test_mtcnn_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(detection, "mtcnn_available", lambda: False)
     with pytest.raises(ConfigError, match="facenet-pytorch"):
         make_detector("mtcnn")
+
+
+def test_streams_iter_video_gives_read_videos_crops_in_chunks(videos: dict[str, Any]) -> None:
+    from ttaperso.streams import iter_video, read_video
+
+    path = videos["one"].path
+    whole = read_video(path, "p")
+    chunks = list(iter_video(path, "p", chunk=16))
+    assert [len(c) for c in chunks[:-1]] == [16] * (len(chunks) - 1)
+    assert torch.equal(torch.cat([c.images for c in chunks]), whole.images)
+    assert torch.equal(
+        torch.cat([c.extras["face_detected"] for c in chunks]), whole.extras["face_detected"]
+    )
+    assert chunks[1].sources[0] == whole.sources[16]
+    with pytest.raises(ConfigError, match="chunk"):
+        next(iter_video(path, "p", chunk=0))
