@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--two-faces-seconds", type=float, default=60.0)
     parser.add_argument("--work", help="folder for the videos (default: a temporary one)")
     parser.add_argument(
+        "--reuse", action="store_true", help="keep one-face videos already in --work"
+    )
+    parser.add_argument(
         "--out", default=str(REPO / "experiments" / "results"), help="results folder"
     )
     args = parser.parse_args(argv)
@@ -94,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "runs": []}
     runs: list[dict[str, Any]] = []
     for seconds in [float(s) for s in args.durations.split(",") if s]:
-        video = write_synthface_video(work / f"one-{int(seconds)}s.mp4", seconds=seconds)
-        r = run_one(video.path, work / f"out-{int(seconds)}s", ["--subject", "s"])
+        path = work / f"one-{int(seconds)}s.mp4"
+        if not (args.reuse and path.is_file()):
+            write_synthface_video(path, seconds=seconds)
+        r = run_one(path, work / f"out-{int(seconds)}s", ["--subject", "s"])
         r.pop("rows")
         r.update(kind="one face", seconds=seconds, wall_over_duration=r["wall_s"] / seconds,
                  cpu_over_duration=r["cpu_s"] / seconds)  # fmt: skip

@@ -236,6 +236,12 @@ class Timeline:
             len(curves), 1, figsize=(10, 2.2 * len(curves) + 0.6), sharex=True, squeeze=False
         )
         for ax, (subject, (t, p)) in zip(axes[:, 0], curves.items(), strict=True):
+            # a gap (the face was not seen for more than a second) breaks the lines
+            gaps = np.flatnonzero(
+                np.diff(t) > max(1.0, 4 * float(np.median(np.diff(t))) if len(t) > 1 else 1.0)
+            )
+            t = np.insert(t, gaps + 1, np.nan)
+            p = np.insert(p, gaps + 1, np.nan, axis=0)
             for k, label in enumerate(self.labels):
                 ax.plot(t, p[:, k], label=label, linewidth=1.0)
             ax.set_ylim(0, 1)
