@@ -297,3 +297,20 @@ def test_streams_iter_video_gives_read_videos_crops_in_chunks(videos: dict[str, 
     assert chunks[1].sources[0] == whole.sources[16]
     with pytest.raises(ConfigError, match="chunk"):
         next(iter_video(path, "p", chunk=0))
+
+
+def test_push_batches_predictions_and_process_answers_at_once(videos: dict[str, Any]) -> None:
+    source = open_source(videos["one"].path)
+    frames = [f for _, f in zip(range(12), source, strict=False)]
+    source.close()
+    batched = Session(_personalizer(), subject="anna", batch=5)
+    batched.start(25.0)
+    sizes = [len(batched.push(f)) for f in frames]
+    assert sizes == [0, 0, 0, 0, 5, 0, 0, 0, 0, 5, 0, 0] and len(batched.flush()) == 2
+    single = Session(_personalizer(), subject="anna", batch=1)
+    single.start(25.0)
+    out = [single.process(f) for f in frames]
+    assert [r.index for r in out] == list(range(12))
+    batched.push(frames[0])
+    with pytest.raises(ConfigError, match="pending"):
+        batched.process(frames[1])

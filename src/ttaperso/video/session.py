@@ -236,12 +236,12 @@ class Session:
 
     def process(self, frame: Frame) -> FrameResult:
         """Find, follow, crop, predict and adapt the faces of one frame, now (no batching)."""
-        results = self.push(frame) + self.flush()
-        if len(results) != 1:  # frames pushed earlier were still pending
+        if self._pending:
             raise ConfigError(
-                "process() cannot follow push() without flush(); use one or the other"
+                f"{len(self._pending)} pushed frame(s) are pending: call flush() before process()"
             )
-        return results[0]
+        (result,) = self.push(frame) + self.flush()
+        return result
 
     def push(self, frame: Frame) -> list[FrameResult]:
         """Add one frame; return the results that are complete (in frame order).
