@@ -68,6 +68,11 @@ HOW: dict[str, tuple[str, list[str], str]] = {
         ["experiments/check_fer_port.py"],
         "needs the FER2013-test and JAFFE data and minutes",
     ),
+    "python experiments/run_speed.py": (
+        "help",
+        ["experiments/run_speed.py"],
+        "takes ~10 min (it writes and runs 60-s and 10-min videos)",
+    ),
     "python experiments/long_stream.py --part calib --tag calib": (
         "help",
         ["experiments/long_stream.py"],
