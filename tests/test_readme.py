@@ -68,6 +68,11 @@ HOW: dict[str, tuple[str, list[str], str]] = {
         ["experiments/check_fer_port.py"],
         "needs the FER2013-test and JAFFE data and minutes",
     ),
+    "python experiments/attack.py": (
+        "help",
+        ["experiments/attack.py"],
+        "the attack round takes minutes (SIGKILLs, concurrent audit writers)",
+    ),
     "python experiments/run_speed.py": (
         "help",
         ["experiments/run_speed.py"],
