@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -314,7 +315,7 @@ class CLIPFER(FERModel):
         self.class_text.copy_(F.normalize(per_class, dim=-1))
 
     # ----------------------------------------------------------------- image side
-    def prepare(self, images: Tensor) -> Tensor:
+    def prepare(self, images: Tensor | np.ndarray) -> Tensor:
         x = super().prepare(images)  # channel conversion and resize; values in [0, 1]
         if self.input_shape[0] == 1:
             return x  # normalised inside features()
@@ -334,3 +335,30 @@ class CLIPFER(FERModel):
 
     def linear_head(self) -> tuple[Tensor, Tensor | None]:
         return self.logit_scale().detach() * self.class_text, None
+
+
+def load_clip(
+    checkpoint: str | Path | None = None,
+    *,
+    model_name: str = "ViT-B-32",
+    labels: Sequence[str] = FER_LABELS,
+    **kwargs: Any,
+) -> CLIPFER:
+    """The registry's ``clip`` entry: zero-shot CLIP with weights from a local checkpoint.
+
+    Nothing is downloaded: ``checkpoint`` must name a local open_clip checkpoint for
+    ``model_name`` (``.safetensors`` or a weights-only torch file).
+
+    Raises:
+        ModelInterfaceError: ``checkpoint`` is missing or not a file (the message names it).
+    """
+    if checkpoint is None:
+        raise ModelInterfaceError(
+            "load_model('clip') needs `checkpoint`: the path of a local open_clip "
+            f"{model_name} checkpoint (.safetensors or a weights-only torch file); nothing "
+            "is downloaded"
+        )
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise ModelInterfaceError(f"Expected `checkpoint` to be a local file but got {str(path)!r}")
+    return CLIPFER(model_name, path, labels=labels, **kwargs)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -74,7 +75,7 @@ class VisionClassifier(TorchClassifier):
         # Plain attributes, not buffers: preprocessing constants are not model state.
         self._mean, self._std = m, s
 
-    def prepare(self, images: Tensor) -> Tensor:
+    def prepare(self, images: Tensor | np.ndarray) -> Tensor:
         """Face crops in [0, 1] -> network input (resized, channels converted, standardised)."""
         x = super().prepare(images)  # resized and mapped linearly onto input_range
         if self._mean is None or self._std is None:

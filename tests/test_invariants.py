@@ -477,11 +477,12 @@ BAD_INPUTS: dict[str, tuple[Callable[[], Any], Any, type[Exception], str]] = {
     "5d": (lambda: target_frames(2)[None], "A", InputError, r"got shape \(1, 2, 1, 16, 16\)"),
     "channels": (lambda: torch.zeros(2, 3, 16, 16), "A", InputError, r"1 channel.*but got 3"),
     "height_width": (lambda: torch.zeros(2, 1, 15, 16), "A", InputError, r"16x16.*got 15x16"),
-    "uint8": (
-        lambda: torch.zeros(2, 1, 16, 16, dtype=torch.uint8),
+    # uint8 frames are raw pixels (run through model.prepare, tests/test_pixels.py)
+    "bool": (
+        lambda: torch.zeros(2, 1, 16, 16, dtype=torch.bool),
         "A",
         InputError,
-        r"floating-point.*torch\.uint8",
+        r"uint8 pixels.*floating-point.*torch\.bool",
     ),
     "int64": (
         lambda: torch.zeros(2, 1, 16, 16, dtype=torch.int64),
@@ -495,11 +496,12 @@ BAD_INPUTS: dict[str, tuple[Callable[[], Any], Any, type[Exception], str]] = {
         InputError,
         r"at least one frame.*\(0, 1, 16, 16\)",
     ),
+    # NumPy arrays are accepted like tensors; a bad one is refused like a bad tensor
     "numpy": (
-        lambda: np.zeros((2, 1, 16, 16), dtype=np.float32),
+        lambda: np.zeros((2, 1, 15, 16), dtype=np.float32),
         "A",
         InputError,
-        r"torch\.Tensor.*got ndarray",
+        r"16x16.*got 15x16",
     ),
     "list": (lambda: [[0.0]], "A", InputError, r"got list"),
     "subject_int": (lambda: target_frames(2), 17, InputError, r"`subject` to be a str but got int"),

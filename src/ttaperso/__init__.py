@@ -1,7 +1,8 @@
 """ttaperso: per-subject test-time personalization of frozen facial-expression models.
 
-p = Personalizer(load_model("fer-mini-xception"), strategy="tent")
-out = p.predict(frames, subject="patient-017")
+p = Personalizer(load_model("fer-mini-xception"))      # strategy DEFAULT_STRATEGY
+out = p.predict(frames, subject="patient-017")           # uint8 face crops, or prepared
+for result in run_video("interview.mp4", subject="patient-017"): ...   # or `ttaperso run`
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .guards import CollapseGuard
 from .model import FERModel
 from .models import list_models, load_model
 from .personalizer import Personalizer, Prediction
+from .personalizer.personalizer import DEFAULT_STRATEGY
 from .source_data import SourceData
 from .stores import FolderStore, StateStore
 from .strategies import (
@@ -38,10 +40,14 @@ from .strategies import (
     list_strategies,
     register_strategy,
 )
+from .video import Session, run_video
 
 __all__ = [
     "__version__",
+    "DEFAULT_STRATEGY",
     "Personalizer",
+    "Session",
+    "run_video",
     "Prediction",
     "FERModel",
     "SourceData",

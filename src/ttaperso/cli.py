@@ -1,7 +1,13 @@
-"""Command line: ``ttaperso demo | strategies | models | audit verify``.
+"""Command line: ``ttaperso run | demo | strategies | models | study | bench | audit verify``.
 
-Exit codes: 0 success, 1 a ttaperso error (one line on stderr), 2 a usage error,
-130 interrupted.
+Also ``python -m ttaperso``. Exit codes: 0 success, 1 a ttaperso error (one line on
+stderr, in the command line's terms), 2 a usage error, 130 interrupted.
+
+**Adding a subcommand from another module** is one line: append ``"module:function"`` to
+:data:`COMMANDS`. ``function(subparsers)`` adds its parser and sets
+``parser.set_defaults(handler=fn)``; ``fn(args, argv)`` runs the command and returns an
+exit code (None means 0). Optionally ``set_defaults(cli_options={"python_name":
+"--option"})`` makes error messages that name a Python argument name the option instead.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from .errors import TTAPersoError
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("ttaperso")
+
+#: Subcommands defined in other modules, one "module:function" each (see the docstring).
+COMMANDS: list[str] = [
+    "ttaperso.video.command:add_run_parser",
+]
 
 
 def _strategy_summaries() -> dict[str, tuple[str, dict[str, Any]]]:
@@ -48,6 +59,25 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _add_commands(sub: Any) -> None:
+    """The subcommands listed in :data:`COMMANDS`."""
+    import importlib
+
+    for spec in COMMANDS:
+        module, _, function = spec.partition(":")
+        getattr(importlib.import_module(module), function)(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (its epilog lists the registered strategies and models)."""
     parser = argparse.ArgumentParser(
@@ -61,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("-v", "--verbose", action="store_true", help="debug messages")
     noise.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_commands(sub)
 
     demo = sub.add_parser(
         "demo",
@@ -75,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="output folder (default: %(default)s)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument(
+        "--seed", type=_seed, default=0, help="random seed, an integer >= 0 (default: %(default)s)"
+    )
     demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    demo.set_defaults(cli_options={"seed": "--seed", "out_dir": "--out"})
 
     sub.add_parser("strategies", help="list the registered strategies and their default options")
     sub.add_parser("models", help="list the pretrained models `load_model` knows")
@@ -223,6 +257,13 @@ def _cmd_audit_verify(folder: str, states: str | None, allow_empty: bool) -> int
     return 1 if failed else 0
 
 
+def _in_cli_terms(message: str, options: dict[str, str]) -> str:
+    """``message`` with the Python argument names of ``options`` replaced by their options."""
+    for name, option in options.items():
+        message = message.replace(f"argument `{name}`", option).replace(f"`{name}`", option)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 ttaperso error, 2 usage)."""
     parser = build_parser()
@@ -232,15 +273,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(
-            "ttaperso: error: a command is required (demo, strategies, models, study)",
-            file=sys.stderr,
-        )
+        names = ", ".join(sorted(sub for sub in _subcommand_names(parser)))
+        print(f"ttaperso: error: a command is required ({names})", file=sys.stderr)
         return 2
     _setup_logging(
         logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     )
     try:
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            return int(handler(args, argv) or 0)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -258,12 +300,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_bench_command(args, argv)
     except TTAPersoError as exc:
-        print(f"ttaperso: error: {exc}", file=sys.stderr)
+        message = _in_cli_terms(str(exc), getattr(args, "cli_options", {}))
+        print(f"ttaperso: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("ttaperso: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _subcommand_names(parser: argparse.ArgumentParser) -> list[str]:
+    for action in parser._actions:  # argparse keeps its subparsers here, no public accessor
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    return []
 
 
 if __name__ == "__main__":  # pragma: no cover

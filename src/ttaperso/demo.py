@@ -37,9 +37,10 @@ from torch import Tensor, nn
 from . import synthface
 from .adapters.torch_classifier import TorchClassifier
 from .cache import cache_root, load_cached_weights, save_cached_weights
-from .errors import ModelInterfaceError, TTAPersoError
+from .errors import ConfigError, ModelInterfaceError, TTAPersoError
 from .model import FERModel
 from .personalizer import Personalizer
+from .personalizer.personalizer import DEFAULT_STRATEGY
 from .source_data import SourceData
 from .strategies import list_strategies
 from .streams.types import SubjectStream
@@ -62,7 +63,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEMO_BATCH = 8
-FRAME_BY_FRAME = "tent"  # the strategy also run one frame per call
+#: the strategy also run one frame per call: the default one (what `Personalizer(model)` runs)
+FRAME_BY_FRAME = DEFAULT_STRATEGY
 #: frame side of the demo (SynthFace renders at this size directly; 32 px keeps training
 #: on 2 CPU cores to about a minute while brows, lids and lips stay a few pixels wide)
 IMAGE_SIZE = 32
@@ -176,8 +178,21 @@ class DemoData:
     target_ids: list[synthface.Identity]
 
 
+def quantize_8bit(images: Tensor) -> Tensor:
+    """``images`` in [0, 1] rounded to the 256 levels of an 8-bit camera (``k / 255``).
+
+    Besides being what a camera gives, this removes the last-bit differences that the
+    renderer's vectorised float maths has between CPUs (AVX2 and AVX-512 round
+    transcendental functions differently), so every machine trains on the same pixels.
+    """
+    return (images * 255.0).round_().div_(255.0)
+
+
 def demo_data(plan: DemoPlan, seed: int) -> DemoData:
-    """Source training streams, held-out source streams and shifted target streams."""
+    """Source training streams, held-out source streams and shifted target streams.
+
+    Frames are stored at 8 bits (:func:`quantize_8bit`), as a camera would store them.
+    """
     sf = synthface.SynthFace(seed, size=IMAGE_SIZE)
     clip = plan.frames_per_clip
     train = [
@@ -193,6 +208,8 @@ def demo_data(plan: DemoPlan, seed: int) -> DemoData:
     targets = [
         sf.subject_stream(s, sessions=plan.target_sessions, frames_per_clip=clip) for s in ids
     ]
+    for stream in (*train, *heldout, *targets):
+        stream.images.copy_(quantize_8bit(stream.images))
     return DemoData(train, heldout, targets, ids)
 
 
@@ -207,6 +224,19 @@ def source_sample(model: FERModel, train: list[SubjectStream], per_subject: int)
     return SourceData(torch.cat(frames), torch.cat(labels), subjects)
 
 
+def machine_info() -> dict[str, Any]:
+    """What the demo's float rounding depends on: torch build, CPU vector unit, threads."""
+    import platform
+
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "train_dtype": str(TRAIN_DTYPE),
+    }
+
+
 # ------------------------------------------------------------------------------ cache
 def cache_dir() -> Path:
     """Folder of the demo's cached weights: ``demo/`` in the weights cache (:mod:`ttaperso.cache`)."""
@@ -216,7 +246,7 @@ def cache_dir() -> Path:
 def _code_digest() -> str:
     """Digest of the code the weights depend on: the generator and the training loop."""
     try:
-        parts = [inspect.getsource(_train)]
+        parts = [inspect.getsource(_train), inspect.getsource(_train_steps)]
         for name in ("facs", "identity", "render", "video"):
             parts.append(inspect.getsource(sys.modules[f"{synthface.__name__}.{name}"]))
         parts.append(inspect.getsource(synthface))
@@ -237,6 +267,8 @@ def _cache_key(model: nn.Module, plan: DemoPlan, seed: int) -> str:
         "seed": seed,
         "train": _TRAIN,
         "size": IMAGE_SIZE,
+        "dtype": str(TRAIN_DTYPE),
+        "frames": "8-bit",
     }
     h.update(json.dumps(config, sort_keys=True).encode())
     return h.hexdigest()[:16]
@@ -267,8 +299,29 @@ def _progress(**kwargs: Any) -> Any:
     return tqdm(disable=not sys.stdout.isatty(), leave=False, **kwargs)
 
 
+#: Training runs in float64 on one thread: float32 kernels round differently on AVX2 and
+#: AVX-512 CPUs and with 1 or 2 threads, and training amplifies those last-bit differences
+#: into different models (the quick plan's held-out accuracy ranged 0.30-0.38 between
+#: such settings). In float64 the AVX2 and AVX-512 runs give bit-identical weights.
+TRAIN_DTYPE = torch.float64
+
+
 def _train(model: nn.Module, frames: Tensor, labels: Tensor, epochs: int, seed: int) -> None:
-    """Plain supervised training on the source frames (AdamW, one-cycle schedule, h-flips)."""
+    """Plain supervised training on the source frames (AdamW, one-cycle schedule, h-flips).
+
+    In :data:`TRAIN_DTYPE` on one torch thread (see there); the model ends in float32.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model.to(TRAIN_DTYPE)
+    try:
+        _train_steps(model, frames.to(TRAIN_DTYPE), labels, epochs, seed)
+    finally:
+        model.float()
+        torch.set_num_threads(threads)
+
+
+def _train_steps(model: nn.Module, frames: Tensor, labels: Tensor, epochs: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(
         model.parameters(), lr=_TRAIN["lr"], weight_decay=_TRAIN["weight_decay"]
@@ -482,6 +535,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = False) -> dict[st
         (``unavailable``), the frozen model's accuracy on held-out source subjects and on the
         targets, the configs used, timings and the output paths.
     """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"Expected argument `seed` to be an int >= 0 but got {seed!r}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -551,6 +606,7 @@ def _run_demo(out: Path, seed: int, quick: bool) -> dict[str, Any]:
         "seed": seed,
         "quick": quick,
         "plan": asdict(plan),
+        "machine": machine_info(),
         "image_size": IMAGE_SIZE,
         "generator": synthface.GENERATOR_VERSION,
         "labels": list(synthface.EXPRESSIONS),

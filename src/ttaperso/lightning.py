@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .config import StrategyConfig
 from .errors import ConfigError, InputError
 from .personalizer import Personalizer, Prediction
+from .personalizer.personalizer import DEFAULT_STRATEGY
 from .source_data import SourceData
 
 __all__ = ["PersonalizeCallback"]
@@ -85,7 +86,9 @@ class PersonalizeCallback(Callback):
     """Personalize predictions per subject during ``trainer.test`` and ``trainer.predict``.
 
     Args:
-        strategy: a registered strategy name or config object (as for the Personalizer).
+        strategy: a registered strategy name or config object (as for the Personalizer;
+            default :data:`ttaperso.DEFAULT_STRATEGY`, which adapts with gradients when it
+            is ``tent``: then build the Trainer with ``inference_mode=False``).
         subject_key: where the batch holds subject ids (dict key, or tuple position).
         input_key: where the batch holds the preprocessed frames ``(N, C, H, W)``.
         output_key: key of the logits when a step returns a dict.
@@ -104,7 +107,7 @@ class PersonalizeCallback(Callback):
 
     def __init__(
         self,
-        strategy: str | StrategyConfig = "norm",
+        strategy: str | StrategyConfig = DEFAULT_STRATEGY,
         *,
         subject_key: str | int = "subject",
         input_key: str | int = "x",

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ModelInterfaceError
+from .pixels import to_unit_pixels
 
 __all__ = ["FERModel"]
 
@@ -87,23 +89,21 @@ class FERModel(nn.Module):
         """Return ``(W, b)`` with ``head(z) == z @ W.T + b`` for strategies that need it."""
         raise ModelInterfaceError(f"Model {self.model_name!r} has no linear head")
 
-    def prepare(self, images: Tensor) -> Tensor:
+    def prepare(self, images: Tensor | np.ndarray) -> Tensor:
         """Turn face images into this model's input (the preprocessing it expects).
 
-        ``images``: ``(N, 1 or 3, H, W)`` floats in ``[0, 1]`` (grayscale or RGB face crops of
-        any size, e.g. from :mod:`ttaperso.streams` or SynthFace). The default converts the
-        channel count (RGB -> luminance, gray -> repeated), resizes to the declared
-        ``H x W`` (bilinear with antialiasing) and maps ``[0, 1]`` linearly onto
-        :attr:`input_range` when the model declares one. Adapters whose preprocessing
-        differs (e.g. CLIP's mean/std normalisation) override it.
+        ``images``: a batch of face crops of any size, as a tensor or NumPy array, either
+        ``uint8`` in ``0..255`` or floating point in ``[0, 1]`` (the same pixels give the
+        same result), channels-first ``(N, 1|3, H, W)`` or channels-last ``(N, H, W, 1|3)``
+        (see :mod:`ttaperso.pixels`). Anything else raises
+        :class:`~ttaperso.errors.InputError` naming the range or shape found; nothing is
+        clamped silently. The default converts the channel count (RGB -> luminance, gray ->
+        repeated), resizes to the declared ``H x W`` (bilinear with antialiasing) and maps
+        ``[0, 1]`` linearly onto :attr:`input_range` when the model declares one. Adapters
+        whose preprocessing differs (e.g. CLIP's mean/std normalisation) override it and
+        call this first.
         """
-        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ModelInterfaceError(
-                f"Expected argument `images` to be a tensor (N, 1 or 3, H, W) in [0, 1] but got "
-                f"{shape}"
-            )
-        x = images.float()
+        x = to_unit_pixels(images)
         c, h, w = self.input_shape
         if x.shape[1] != c:
             if c == 1:
@@ -118,6 +118,7 @@ class FERModel(nn.Module):
                 )
         if h is not None and w is not None and tuple(x.shape[2:]) != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        # antialiased bilinear resizing can overshoot [0, 1] by rounding: clamp that only
         x = x.clamp(0.0, 1.0)
         if self.input_range is not None:
             lo, hi = self.input_range

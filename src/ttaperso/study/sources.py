@@ -140,7 +140,18 @@ def load_dataset(name: str, spec: Mapping[str, Any]) -> list[SubjectStream]:
         raise ConfigError(
             f"[datasets.{name}] unknown kind {kind!r}; available: {', '.join(dataset_kinds())}"
         )
-    streams = _DATASETS[kind](spec)
+    from ..streams.datasets import DataFolderError
+
+    try:
+        streams = _DATASETS[kind](spec)
+    except DataFolderError as exc:
+        # in the study's own terms: a config key, or an override on the command line
+        raise InputError(
+            f"[datasets.{name}]: {str(exc.folder)!r} is not a folder; set `root` to the "
+            f"{exc.dataset} folder in the config's [datasets.{name}] table (on the command "
+            f"line: ttaperso study CONFIG datasets.{name}.root=PATH) or set TTAPERSO_DATA "
+            "to the folder holding it"
+        ) from exc
     if not streams:
         raise InputError(f"[datasets.{name}] holds no streams")
     return streams
