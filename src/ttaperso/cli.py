@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    from .serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -246,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench.cli import run_bench_command
 
             run_bench_command(args, argv)
+        elif args.command == "serve":
+            from .serve.cli import run_serve_command
+
+            return run_serve_command(args)
     except TTAPersoError as exc:
         print(f"ttaperso: error: {exc}", file=sys.stderr)
         return 1
