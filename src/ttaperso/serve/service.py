@@ -195,6 +195,8 @@ class SubjectService:
         self._dirty: set[str] = set()
         #: whether the last _fresh of a subject loaded it (the answer's `loaded` fact)
         self._loaded: dict[str, bool] = {}
+        #: digest of the state each subject's last write-through save stored
+        self._digests: dict[str, str | None] = {}
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._state_lock = threading.Lock()
         self._has_guard = personalizer.config.guard is not None
@@ -281,14 +283,19 @@ class SubjectService:
         self._dirty.discard(subject)
 
     def _persist(self, subject: str, based_on: int) -> int | None:
-        """Save ``subject`` now (write-through) or mark it for the next flush."""
+        """Save ``subject`` now (write-through) or mark it for the next flush.
+
+        Returns the stored version (None: pending); ``self._digests[subject]`` gets its digest.
+        """
         if self.save_every > 0:
             self._dirty.add(subject)
+            self._digests.pop(subject, None)
             return None
         self.personalizer.save(self._tracked, [subject])
         kept = self._tracked.last_written.get(subject)
         version = kept.version if kept is not None else based_on + 1
         self._versions[subject] = version
+        self._digests[subject] = kept.digest if kept is not None else None
         return version
 
     def _trips(self, subject: str) -> int:
@@ -319,6 +326,7 @@ class SubjectService:
             facts = {
                 "version": version,
                 "based_on": based_on,
+                "state_digest": self._digests.get(subject),
                 "loaded": self._loaded.get(subject, False),
                 "reloads": reloads,
                 "guard_trips": self._trips(subject) - trips,
@@ -379,6 +387,7 @@ class SubjectService:
                 facts = {
                     "version": version,
                     "based_on": based[s],
+                    "state_digest": self._digests.get(s),
                     "loaded": self._loaded.get(s, False),
                     "reloads": 0,
                     "guard_trips": self._trips(s) - trips[s],
