@@ -130,6 +130,13 @@ def _add_study_parser(sub: Any) -> None:
     )
     study.add_argument("--cache", metavar="DIR", help="cell cache folder (default: <out>/cells)")
     study.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the cells as Ray tasks (a cluster's address, or none: a local cluster on loopback)",
+    )
+    study.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -144,7 +151,12 @@ def _cmd_study(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
 
     config = load_study_config(args.config, args.overrides)
     out = args.out or f"study_{config.name}"
-    run = run_study(config, out, progress=args.progress, cache=args.cache)
+    executor = None
+    if args.ray is not None:
+        from .study.ray_cells import ray_executor
+
+        executor = ray_executor(None if args.ray == "local" else args.ray)
+    run = run_study(config, out, progress=args.progress, cache=args.cache, executor=executor)
     words = list(sys.argv[1:] if argv is None else argv)
     command = "ttaperso " + " ".join(shlex.quote(w) for w in words)
     report = write_report(run, command=command)
