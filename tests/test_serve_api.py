@@ -176,6 +176,12 @@ HOSTILE: list[tuple[str, dict[str, object], int, str]] = [
     ("shape npy", {"array": npy(np.zeros((1, 8, 8, 5), np.uint8))}, 400, "shape"),
     ("lying npy", {"array": _huge_npy_header()}, 413, "frames|pixels"),
     ("not npy", {"array": b"hello"}, 400, "not a .npy"),
+    (
+        "broken npy header",
+        {"array": npy(faces(1, 0)).replace(b"(1, 24, 24)", b"(1, 24, 24"[:9])},
+        400,
+        "not a .npy",
+    ),
     ("both", {"frames": [png(faces(1, 0)[0])], "array": npy(faces(1, 0))}, 400, "either"),
     ("nothing", {}, 400, "at least one frame"),
 ]

@@ -146,8 +146,10 @@ def frames_from_array(data: bytes, model: FERModel, limits: Limits, name: str = 
             shape, fortran, dtype = npy_format.read_array_header_2_0(buffer)
         else:
             raise ValueError(f"unsupported .npy version {major}")
-    except (ValueError, EOFError, SyntaxError) as exc:
-        raise InputError(f"Part {name!r} is not a .npy array ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - numpy's header parser raises many kinds
+        raise InputError(
+            f"Part {name!r} is not a .npy array ({type(exc).__name__}: {exc})"
+        ) from exc
     if dtype.hasobject or dtype.type not in _ARRAY_DTYPES:
         raise InputError(
             f"Part {name!r}: expected dtype uint8, float16, float32 or float64 but got {dtype}"

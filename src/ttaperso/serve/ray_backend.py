@@ -160,7 +160,7 @@ def build_deployment(
         def replica_pid(self) -> int:
             return self.pid
 
-    return PersonalizerReplica.bind(spec)
+    return PersonalizerReplica.bind(spec)  # type: ignore[attr-defined]
 
 
 _OPS = frozenset(
@@ -261,10 +261,10 @@ class RayBackend:
             except TTAPersoError as exc:
                 failed.append((subject, exc))
         if failed:
-            subject, exc = failed[0]
+            subject, first = failed[0]
             applied = {s: a["version"] for s, a in out.items()}
-            raise type(exc)(
-                f"subject {subject!r}: {exc} (subjects applied and stored anyway: {applied})"
+            raise type(first)(
+                f"subject {subject!r}: {first} (subjects applied and stored anyway: {applied})"
             )
         return out
 

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -103,8 +103,11 @@ def build_store(spec: ServiceSpec) -> StateStore:
     if spec.store.startswith(("redis://", "rediss://", "unix://")):
         from ..stores.redis import RedisStore
 
-        return RedisStore(spec.store, namespace=spec.namespace, keep_versions=spec.keep_versions)
-    return FolderStore(spec.store, keep_versions=spec.keep_versions)
+        return cast(
+            StateStore,
+            RedisStore(spec.store, namespace=spec.namespace, keep_versions=spec.keep_versions),
+        )
+    return cast(StateStore, FolderStore(spec.store, keep_versions=spec.keep_versions))
 
 
 class _TrackingStore:
@@ -133,11 +136,13 @@ class _TrackingStore:
         *,
         expected_version: int | None = None,
     ) -> StateVersion | None:
+        # The versioned write of the store contract (issue 17 extends StateStore with it).
+        inner: Any = self.inner
         if self.cas:
             expected = expected_version if expected_version is not None else self._expected(subject)
-            kept = self.inner.write(subject, tensors, metadata, expected_version=expected)  # type: ignore[call-arg]
+            kept = inner.write(subject, tensors, metadata, expected_version=expected)
         else:
-            kept = self.inner.write(subject, tensors, metadata)  # type: ignore[func-returns-value]
+            kept = inner.write(subject, tensors, metadata)
         self.last_written[subject] = kept
         return kept
 
@@ -189,7 +194,9 @@ class SubjectService:
         self.store = store
         self.audit = audit
         self.save_every = float(save_every)
-        self._tracked = _TrackingStore(store, lambda s: self._versions.get(s, 0))
+        self._tracker = _TrackingStore(store, lambda s: self._versions.get(s, 0))
+        #: the tracker as the Personalizer sees it (a StateStore)
+        self._tracked = cast(StateStore, self._tracker)
         #: store version of each subject's in-memory state (absent: not loaded / dropped)
         self._versions: dict[str, int] = {}
         self._dirty: set[str] = set()
@@ -266,7 +273,7 @@ class SubjectService:
             self._versions[subject] = 0
             return 0
         p.load(self._tracked, [subject])
-        version = self._tracked.last_read.get(subject)
+        version = self._tracker.last_read.get(subject)
         if version is None:  # a store that does not report versions on read
             kept = self._versions_of(subject)
             version = kept[-1].version if kept else 1
@@ -292,7 +299,7 @@ class SubjectService:
             self._digests.pop(subject, None)
             return None
         self.personalizer.save(self._tracked, [subject])
-        kept = self._tracked.last_written.get(subject)
+        kept = self._tracker.last_written.get(subject)
         version = kept.version if kept is not None else based_on + 1
         self._versions[subject] = version
         self._digests[subject] = kept.digest if kept is not None else None
@@ -375,7 +382,11 @@ class SubjectService:
                     version = self._persist(s, based[s])
                 except StaleStateError:
                     self._drop(s)
-                    pred, facts = self._step(s, lambda s=s: self.personalizer.predict(frames[s], s))
+
+                    def again(s: str = s) -> Prediction:
+                        return self.personalizer.predict(frames[s], s)
+
+                    pred, facts = self._step(s, again)
                     assert pred is not None
                     out[s] = self._answer(s, pred, {**facts, "reloads": facts["reloads"] + 1})
                     continue
@@ -429,7 +440,7 @@ class SubjectService:
                     p.reset(subject)
                 fresh = p.strategy.initial_state().flat()
                 try:
-                    kept = self._tracked.write(
+                    kept = self._tracker.write(
                         subject, fresh, {**p.state_metadata(), "reset": True}
                     )
                 except StaleStateError:
@@ -488,7 +499,7 @@ class SubjectService:
                     )
             rollback = self.store.rollback  # type: ignore[attr-defined]
             try:
-                if self._tracked.cas:
+                if self._tracker.cas:
                     new = rollback(subject, version, expected_version=based_on)
                 else:
                     new = rollback(subject, version)
@@ -624,7 +635,7 @@ class SubjectService:
         except BaseException:
             self._drop(subject)
             raise
-        kept = self._tracked.last_written.get(subject)
+        kept = self._tracker.last_written.get(subject)
         if kept is not None:
             self._versions[subject] = kept.version
         self._dirty.discard(subject)

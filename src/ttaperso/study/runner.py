@@ -390,7 +390,12 @@ def run_study(
     try:
         if executor is not None:
             dev_cells: list[Cell] = []
-            walk(lambda c: dev_cells.append(c) or {"status": "planned"}, lambda c: None)
+
+            def plan(cell: Cell) -> dict[str, Any]:
+                dev_cells.append(cell)
+                return {"status": "planned"}  # no score yet: the plan needs only the cells
+
+            walk(plan, lambda c: None)
             prefetch(dev_cells)
             eval_cells: list[Cell] = []
             walk(peek, eval_cells.append)
