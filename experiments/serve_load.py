@@ -271,8 +271,11 @@ def drive(
 
 
 def _cycle(sched: list[Any], until: threading.Event) -> Any:
-    while not until.is_set():
-        yield from sched
+    while True:
+        for step in sched:
+            if until.is_set():
+                return
+            yield step
 
 
 def part_load(args: argparse.Namespace, pool: list[np.ndarray], work: Path) -> dict[str, Any]:
@@ -379,12 +382,10 @@ def part_faults(args: argparse.Namespace, pool: list[np.ndarray], work: Path) ->
                 if done.wait(args.fault_every):
                     break
                 if action == "kill":
-                    with lock:
-                        recent = replicas_seen[-20:]
-                    alive = [pid for pid in dict.fromkeys(reversed(recent)) if _alive(pid)]
+                    alive = replica_pids(proc.pid)
                     if not alive:
                         continue
-                    victim = alive[0]
+                    victim = rng.choice(alive)
                     os.kill(victim, signal.SIGKILL)
                     kills.append({"pid": victim, "at_answers": len(replicas_seen)})
                 else:
@@ -405,6 +406,8 @@ def part_faults(args: argparse.Namespace, pool: list[np.ndarray], work: Path) ->
         "redis_restarts": len(restarts),
         "redis_restart_seconds": restarts,
         "retried_requests": result.get("retried"),
+        "stale_reloads": result.get("stale_reloads"),
+        "hot_share_after_first": result.get("hot_share_after_first"),
         "errors": result.get("error_count"),
         **check,
         "p50_ms": result.get("p50_ms"),
@@ -420,12 +423,33 @@ def part_faults(args: argparse.Namespace, pool: list[np.ndarray], work: Path) ->
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
+def replica_pids(root: int) -> list[int]:
+    """Live Ray Serve replica processes descended from ``root`` (our own server only)."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z":  # a zombie is already dead
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        names[int(entry.name)] = cmdline
+    out = []
+    for pid, cmdline in names.items():
+        if "ServeReplica:ttaperso" not in cmdline:
+            continue
+        ancestor = parents.get(pid, 0)
+        while ancestor not in (0, 1, root):
+            ancestor = parents.get(ancestor, 0)
+        if ancestor == root:
+            out.append(pid)
+    return sorted(out)
 
 
 def verify(
@@ -662,6 +686,12 @@ def main() -> None:
             results[part]["part_seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
     name = f"serve_load{'_' + args.tag if args.tag else ''}"
+    previous = RESULTS / f"{name}.json"
+    if args.part != "all" and previous.exists():  # one part re-run: keep the others
+        merged = json.loads(previous.read_text())
+        merged.setdefault("commands", {})[args.part] = results.pop("command")
+        merged.update(results)
+        results = merged
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
     (RESULTS / f"{name}.md").write_text(report(results))
     print(f"wrote {RESULTS / name}.json and .md")
@@ -669,6 +699,8 @@ def main() -> None:
 
 def report(r: dict[str, Any]) -> str:
     lines = [f"# serve_load ({r['model']}, {r['strategy']})", "", f"`{r['command']}`", ""]
+    for part, command in r.get("commands", {}).items():
+        lines += [f"{part} re-run: `{command}`", ""]
     if "load" in r:
         ld, s, b = r["load"], r["load"]["served"], r["load"]["baseline"]
         lines += [
