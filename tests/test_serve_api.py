@@ -388,3 +388,31 @@ def test_embedded_server_resumes_every_subject_after_restart(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_concurrent_requests_on_shared_subjects_serialise_per_subject(served: Served) -> None:
+    """8 client threads on 4 subjects: every subject's answers form one chain of versions."""
+    import threading
+
+    answers: list[dict[str, object]] = []
+    lock = threading.Lock()
+
+    def work(k: int) -> None:
+        with Client(served.url, TOKEN) as c:
+            for i in range(6):
+                out = c.predict(f"shared-{(k + i) % 4}", array=faces(2, 100 * k + i))
+                with lock:
+                    answers.append(out)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in range(4):
+        mine = sorted(
+            (a["version"], a["based_on"]) for a in answers if a["subject"] == f"shared-{s}"
+        )
+        assert [v for v, _ in mine] == list(range(1, len(mine) + 1))
+        assert all(b == v - 1 for v, b in mine)
+        assert served.client.versions(f"shared-{s}")["current"] == len(mine)
