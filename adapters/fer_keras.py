@@ -78,7 +78,10 @@ def _expect(graph: _KerasGraph, name: str, **expected: Any) -> None:
         got = cfg.get(key)
         if isinstance(got, list):
             got = tuple(got)
-        ok = math.isclose(got, value) if isinstance(value, float) else got == value
+        if isinstance(value, float):
+            ok = isinstance(got, (int, float)) and math.isclose(got, value)
+        else:
+            ok = got == value
         if not ok:
             raise ModelInterfaceError(
                 f"Keras layer {name!r}: expected {key}={value!r} but found {got!r}"

@@ -162,7 +162,7 @@ def check_state_dict_fits(model: nn.Module, state: Mapping[str, Tensor], what: s
         )
 
 
-def encode_prompt_embeddings(clip: nn.Module, embeddings: Tensor, tokens: Tensor) -> Tensor:
+def encode_prompt_embeddings(clip: Any, embeddings: Tensor, tokens: Tensor) -> Tensor:
     """CLIP's text encoder from token *embeddings* (prompt tuning): ``(P, L, width) -> (P, D)``.
 
     Same computation as open_clip's ``CLIP.encode_text`` after its token lookup: positional
@@ -224,6 +224,12 @@ class CLIPFER(FERModel):
         config: a CLIP config dict (e.g. :func:`tiny_clip_config`) instead of a named model.
         seed: seed of the random initialisation (``None``: the global RNG).
     """
+
+    clip: Any  # an open_clip CLIP model (open_clip is untyped)
+    pixel_mean: Tensor
+    pixel_std: Tensor
+    class_tokens: Tensor
+    class_text: Tensor
 
     def __init__(
         self,

@@ -107,11 +107,16 @@ class PyEmotionNet(FERModel):
         return self.linear[1](self.linear[0](x.flatten(1)))
 
     def head(self, z: Tensor) -> Tensor:
-        return self.linear[2](z)
+        return self._last_linear()(z)
 
     def linear_head(self) -> tuple[Tensor, Tensor]:
-        layer = self.linear[2]
+        layer = self._last_linear()
         return layer.weight, layer.bias
+
+    def _last_linear(self) -> nn.Linear:
+        layer = self.linear[2]
+        assert isinstance(layer, nn.Linear)  # the architecture above; not input validation
+        return layer
 
 
 def _download_wheel(dest: Path) -> Path:

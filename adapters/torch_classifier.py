@@ -72,7 +72,7 @@ class TorchClassifier(FERModel):
         return logits, captured[-1].flatten(1)
 
     def features(self, x: Tensor) -> Tensor:
-        return self.forward(x, return_features=True)[1]  # type: ignore[index]
+        return self.forward(x, return_features=True)[1]
 
     def head(self, z: Tensor) -> Tensor:
         if self.head_name is None:

@@ -66,7 +66,7 @@ class VisionClassifier(TorchClassifier):
             s = torch.tensor([float(v) for v in std])
             input_range = (float(((0 - m) / s).min()), float(((1 - m) / s).max()))
         else:
-            m = s = None
+            m = s = None  # type: ignore[assignment]
             input_range = (0.0, 1.0)
         super().__init__(
             network, labels, input_shape, head=head, input_range=input_range, name=name
@@ -238,6 +238,6 @@ def from_timm(
         name, pretrained=False, num_classes=len(labels), in_chans=in_chans, **kwargs
     )
     if head is None:
-        classifier = network.get_classifier()
+        classifier = getattr(network, "get_classifier")()  # noqa: B009 - timm API, untyped
         head = next((n for n, m in network.named_modules() if m is classifier and n), None)
     return _finish(network, labels, weights, head, "timm", name, size, in_chans, mean, std)

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 from conftest import HEAD, INPUT_SHAPE, LABELS, adapt_overrides, build_model, target_frames
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 import ttaperso
@@ -163,9 +163,16 @@ def test_bad_network_attribute() -> None:
 
 
 def test_whole_module_as_network() -> None:
-    module = TinyModule()
-    assert isinstance(module, nn.Module)
-    callback = PersonalizeCallback("source", labels=LABELS, input_shape=INPUT_SHAPE)
-    outputs = _trainer(callback).predict(module, DataLoader(FrameSet(), batch_size=6))
-    frozen = module(torch.stack([FrameSet()[i]["x"] for i in range(len(FrameSet()))]))
-    torch.testing.assert_close(torch.cat(outputs), frozen)
+    """No ``network=``: the LightningModule itself is personalized (``norm``, adapting)."""
+    dataset = FrameSet()
+    callback = PersonalizeCallback(
+        "norm", labels=LABELS, input_shape=INPUT_SHAPE, **adapt_overrides("norm")
+    )
+    _trainer(callback).predict(TinyModule(), DataLoader(dataset, batch_size=6))
+    reference = _reference("norm", dataset, batch_size=6)
+    got = {s: torch.cat([p.logits for p in callback.predictions[s]]) for s in SUBJECTS}
+    for s in SUBJECTS:
+        torch.testing.assert_close(got[s], reference[s], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        frozen = TinyModule()(dataset.frames["alice"])
+    assert not torch.allclose(got["alice"], frozen, atol=1e-3)  # adapted, not the frozen model

@@ -21,7 +21,7 @@ from ttaperso.functional import mix_moments, normalized_entropy, softmax_entropy
 from ttaperso.gates import Gate, GateBatch, gate_from_dict, list_gates
 from ttaperso.norm_layers import NormControl, SubjectBatchNorm
 from ttaperso.smoothing import smooth_probs
-from ttaperso.stores import FolderStore, subject_filename
+from ttaperso.stores import FORMAT_VERSION, FolderStore, subject_filename
 from ttaperso.strategies import get_config_class
 
 try:
@@ -404,17 +404,17 @@ def test_folder_store_round_trip_and_missing(tmp_path: Path) -> None:
     with pytest.raises(ttaperso.StateFileError, match="no such state folder"):
         store.subjects()
     tensors = {"memory/x": torch.arange(3.0), "memory/e": torch.zeros(0, 4)}
-    meta = {"format": "ttaperso.subject-state", "version": 1, "k": [1, 2]}
+    meta = {"format": "ttaperso.subject-state", "version": FORMAT_VERSION, "k": [1, 2]}
     store.write("A", tensors, meta)
     got, got_meta = store.read("A")
     assert states_equal(got, tensors)
-    assert got_meta == {**meta, "subject": "A"}
+    assert got_meta == {**meta, "subject": "A", "state_version": 1}
     assert not [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(ttaperso.StateFileError, match="no state for subject 'B'"):
         store.read("B")
-    store.write("V", tensors, {**meta, "version": 99})
-    with pytest.raises(ttaperso.StateFileError, match="format version 99"):
-        store.read("V")
+    with pytest.raises(ttaperso.InputError, match="version 99"):
+        store.write("V", tensors, {**meta, "version": 99})  # never written: unreadable
+    assert store.subjects() == ["A"]
 
 
 # ====================================================================== SubjectBatchNorm

@@ -85,12 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     audit_sub = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     verify = audit_sub.add_parser(
         "verify",
-        help="verify every subject log in a folder (exit 1 if any chain is broken)",
-        description="Recompute every record's hash and chain link; with --states, also check "
-        "that each subject's current state file matches the digest of its last logged save.",
+        help="verify every subject log in a folder (exit 1 if anything fails)",
+        description="Recompute every record's hash and chain link and check that each log "
+        "ends with a complete line and records every write of its subject; with --states, "
+        "also check that every current state file is the last save its subject's log "
+        "records. Exit 0 only when everything checks out.",
     )
     verify.add_argument("folder", help="folder of *.audit.jsonl files")
     verify.add_argument("--states", metavar="DIR", help="state folder to cross-check")
+    verify.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="exit 0 when there is nothing to verify (default: exit 1)",
+    )
     _add_study_parser(sub)
     from .bench.cli import add_bench_parser
 
@@ -191,39 +198,43 @@ def _cmd_models() -> None:
         print(f"{name:<{width}}  {text}")
 
 
-def _cmd_audit_verify(folder: str, states: str | None) -> int:
-    """Print one line per subject log; return 0 when every chain (and state) checks out."""
-    from .audit import AuditLog, verify
-    from .stores import FolderStore
+def _cmd_audit_verify(folder: str, states: str | None, allow_empty: bool) -> int:
+    """Print one line per subject log (and state); return 0 when everything checks out."""
+    from .audit import verify, verify_states
 
     reports = verify(folder)
-    store = FolderStore(states) if states else None
+    checks = verify_states(folder, states, reports) if states else []
     failed = 0
     for report in reports:
-        problems = list(report.errors)
-        if store is not None and report.ok and report.subject is not None:
-            saves = AuditLog(folder).saves(report.subject)
-            if saves:
-                logged = saves[-1]["data"].get("state_digest")
-                try:
-                    current = store.digest(report.subject)
-                except TTAPersoError as exc:
-                    current = f"unreadable ({exc})"
-                if current != logged:
-                    problems.append(
-                        f"current state {str(current)[:16]} is not the last logged save "
-                        f"{str(logged)[:16]}"
-                    )
-        status = "ok" if not problems else "FAILED"
-        tail = " (torn last line ignored)" if report.torn_tail else ""
         print(
-            f"{status}  {report.subject!r}: {report.records} records, last hash "
-            f"{report.last_hash[:16]}{tail}"
+            f"{'ok' if report.ok else 'FAILED':6}  log {report.path.name} "
+            f"({report.subject!r}): {report.records} records, last hash {report.last_hash[:16]}"
         )
-        for problem in problems:
+        for problem in report.errors:
             print(f"    {problem}")
-        failed += bool(problems)
-    print(f"{len(reports)} log(s), {failed} failed")
+        failed += not report.ok
+    for check in checks:
+        version = "" if check.version is None else f", version {check.version}"
+        print(
+            f"{'ok' if check.ok else 'FAILED':6}  state {check.file} ({check.subject!r}{version})"
+        )
+        for problem in check.errors:
+            print(f"    {problem}")
+        failed += not check.ok
+    summary = f"{len(reports)} log(s)"
+    if states:
+        summary += f", {len(checks)} state(s) in {states}"
+    print(f"{summary}, {failed} failed")
+    if not reports and not checks:
+        if allow_empty:
+            return 0
+        print(
+            f"ttaperso: error: nothing to verify: {folder!r} holds no *.audit.jsonl logs"
+            + (f" and {states!r} no states" if states else "")
+            + " (pass --allow-empty to accept that)",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if failed else 0
 
 
@@ -254,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "models":
             _cmd_models()
         elif args.command == "audit":
-            return _cmd_audit_verify(args.folder, args.states)
+            return _cmd_audit_verify(args.folder, args.states, args.allow_empty)
         elif args.command == "study":
             _cmd_study(args, argv)
         elif args.command == "bench":

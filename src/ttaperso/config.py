@@ -3,6 +3,11 @@
 Every config: fields with types and defaults, validation in ``__post_init__`` (a bad value
 raises :class:`~ttaperso.errors.ConfigError` naming it), ``to_dict``/``from_dict`` for JSON,
 and ``replace(**overrides)``. Unknown keys are rejected with the list of valid ones.
+
+Fields may also hold *components*: frozen objects with ``to_dict()`` and a ``from_spec``
+classmethod that accepts the object itself or its dict (gates, the collapse guard, ...).
+A field typed ``tuple[Component, ...]`` or ``Component | None`` is coerced through
+``from_spec`` and written with ``to_dict``: configs need not know any component type.
 """
 
 from __future__ import annotations
@@ -12,15 +17,41 @@ import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
 from .errors import ConfigError
-from .gates import Gate, gate_from_dict
-from .guards import CollapseGuard, guard_from_dict
+from .gates import Gate
+from .guards import CollapseGuard
 
-__all__ = ["StrategyConfig"]
+__all__ = ["ConfigComponent", "StrategyConfig"]
 
 C = TypeVar("C", bound="StrategyConfig")
+
+
+@runtime_checkable
+class ConfigComponent(Protocol):
+    """A config field's object that describes itself as JSON (a gate, a guard, ...)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description, inverse of the class's ``from_spec``."""
+        ...
+
+
+def _component_class(hint: Any) -> type | None:
+    """The class of a component hint (``X``, ``X | None``), None when not a component."""
+    candidates = [hint, *typing.get_args(hint)]
+    for candidate in candidates:
+        if isinstance(candidate, type) and callable(getattr(candidate, "from_spec", None)):
+            return candidate
+    return None
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, ConfigComponent):
+        return value.to_dict()
+    if isinstance(value, tuple):  # JSON has lists only (empty ones included)
+        return [_to_json(v) for v in value]
+    return value
 
 
 def _type_name(hint: Any) -> str:
@@ -57,12 +88,19 @@ def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"Expected argument {where} to be a str but got {value!r}")
         return value
-    if origin is tuple and typing.get_args(hint)[:1] == (Gate,):
-        if isinstance(value, (Gate, Mapping)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"Expected argument {where} to be a list of gates but got {value!r}")
-        return tuple(gate_from_dict(g) for g in value)
-    if CollapseGuard in typing.get_args(hint):
-        return guard_from_dict(value)
+    if origin is tuple:
+        item = _component_class(typing.get_args(hint)[0])
+        if item is not None:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(
+                    f"Expected argument {where} to be a list of {item.__name__} but got {value!r}"
+                )
+            return tuple(item.from_spec(v) for v in value)  # type: ignore[attr-defined]
+    component = _component_class(hint)
+    if component is not None:
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        return component.from_spec(value)  # type: ignore[attr-defined]
     raise ConfigError(
         f"Field {where} has an unsupported type {_type_name(hint)}"
     )  # pragma: no cover
@@ -127,15 +165,7 @@ class StrategyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of the fields (gates as dicts)."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "gates":
-                value = [g.to_dict() for g in value]
-            elif isinstance(value, CollapseGuard):
-                value = value.to_dict()
-            out[f.name] = value
-        return out
+        return {f.name: _to_json(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:

@@ -179,18 +179,20 @@ class DemoData:
 def demo_data(plan: DemoPlan, seed: int) -> DemoData:
     """Source training streams, held-out source streams and shifted target streams."""
     sf = synthface.SynthFace(seed, size=IMAGE_SIZE)
-    clip = {"frames_per_clip": plan.frames_per_clip}
+    clip = plan.frames_per_clip
     train = [
         sf.subject_stream(s, sessions=1, frames_per_clip=plan.train_frames_per_clip)
         for s in sf.sample_subjects(plan.train_subjects, "source")
     ]
     # held-out source subjects: same population and capture, never among the training ones
     heldout = [
-        sf.subject_stream(s, sessions=1, **clip)
+        sf.subject_stream(s, sessions=1, frames_per_clip=clip)
         for s in sf.sample_subjects(plan.heldout_subjects, "source", start=HELDOUT_START)
     ]
     ids = sf.sample_subjects(plan.targets, "target")
-    targets = [sf.subject_stream(s, sessions=plan.target_sessions, **clip) for s in ids]
+    targets = [
+        sf.subject_stream(s, sessions=plan.target_sessions, frames_per_clip=clip) for s in ids
+    ]
     return DemoData(train, heldout, targets, ids)
 
 
@@ -271,7 +273,7 @@ def _train(model: nn.Module, frames: Tensor, labels: Tensor, epochs: int, seed: 
     opt = torch.optim.AdamW(
         model.parameters(), lr=_TRAIN["lr"], weight_decay=_TRAIN["weight_decay"]
     )
-    bs = _TRAIN["batch_size"]
+    bs = int(_TRAIN["batch_size"])
     steps = epochs * math.ceil(len(frames) / bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=_TRAIN["lr"], total_steps=steps)
     model.train()

@@ -80,6 +80,11 @@ class Gate:
         """JSON-safe description, inverse of :func:`gate_from_dict`."""
         return {"kind": self.kind, **asdict(self)}
 
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | Gate) -> Gate:
+        """A gate from itself or its :meth:`to_dict` (config fields use this)."""
+        return gate_from_dict(spec)
+
 
 @dataclass(frozen=True)
 class TemporalGate(Gate):

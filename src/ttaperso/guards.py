@@ -185,6 +185,11 @@ class CollapseGuard:
         out["signals"] = list(self.signals)
         return out
 
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | CollapseGuard | None) -> CollapseGuard | None:
+        """A guard from itself, its :meth:`to_dict` or None (config fields use this)."""
+        return guard_from_dict(spec)
+
     # ------------------------------------------------------------------ memory
     def init_memory(self, state: SubjectState, num_classes: int) -> dict[str, Tensor]:
         """The guard's memory for a fresh subject (keys include the ``guard.`` prefix)."""

@@ -172,10 +172,10 @@ class PersonalizeCallback(Callback):
         return self.personalizer.strategy.needs_gradients
 
     def _start(self, pl_module: LightningModule, stage: str) -> None:
-        self._build(pl_module)
+        personalizer = self._build(pl_module)
         if torch.is_inference_mode_enabled() and self.needs_gradients():
             raise ConfigError(
-                f"PersonalizeCallback: strategy {self.personalizer.strategy_name!r} adapts "
+                f"PersonalizeCallback: strategy {personalizer.strategy_name!r} adapts "
                 f"with gradients, but the Trainer runs {stage} under torch.inference_mode(), "
                 "where no gradient can be taken. Use Trainer(inference_mode=False), or a "
                 "gradient-free strategy (source, norm)."

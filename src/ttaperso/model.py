@@ -57,7 +57,11 @@ class FERModel(nn.Module):
                 f"but got {input_shape!r}"
             )
         self.labels: tuple[str, ...] = labels
-        self.input_shape = tuple(input_shape)
+        self.input_shape: tuple[int, int | None, int | None] = (
+            input_shape[0],
+            input_shape[1],
+            input_shape[2],
+        )
         self.input_range = (
             None if input_range is None else (float(input_range[0]), float(input_range[1]))
         )

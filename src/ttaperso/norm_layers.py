@@ -65,6 +65,10 @@ class NormControl:
 class SubjectBatchNorm(nn.Module):
     """A BatchNorm layer (any dimensionality) driven by a shared :class:`NormControl`."""
 
+    running_mean: Tensor
+    running_var: Tensor
+    _control: NormControl
+
     def __init__(self, source: nn.modules.batchnorm._BatchNorm, name: str, control: NormControl):
         super().__init__()
         if source.running_mean is None or source.running_var is None:
@@ -86,7 +90,7 @@ class SubjectBatchNorm(nn.Module):
         object.__setattr__(self, "_control", control)
 
     def forward(self, x: Tensor) -> Tensor:
-        control: NormControl = self._control  # type: ignore[attr-defined]
+        control = self._control
         if control.segments is not None:
             return self._segmented(x, control)
         prior = control.prior
@@ -185,7 +189,7 @@ class _MixtureBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         weight: Tensor | None,
@@ -206,7 +210,7 @@ class _MixtureBatchNorm(torch.autograd.Function):
         return F.batch_norm(x, mean, var, weight, bias, training=False, momentum=0.0, eps=eps)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, var, d, batch_mean = ctx.saved_tensors
         wa, wb, eps = ctx.coeffs
         shape = (1, -1) + (1,) * (x.dim() - 2)

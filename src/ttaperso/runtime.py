@@ -66,7 +66,7 @@ class ModelRuntime:
         self.bn_layers = convert_batchnorms(module, self.control)
         self.module: FERModel = module
         self.lock = threading.RLock()
-        params = dict(module.named_parameters())
+        params: dict[str, Tensor] = dict(module.named_parameters())
         buffers = dict(module.named_buffers())
         self.parameters: dict[str, Tensor] = params
         self.buffers: dict[str, Tensor] = buffers

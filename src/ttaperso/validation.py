@@ -60,6 +60,11 @@ def validate_frames(
             "Expected argument `frames` to be a torch.Tensor of shape (N, C, H, W) but got "
             f"{type(frames).__name__} (use torch.from_numpy and the model's preprocessing)"
         )
+    if frames.device.type == "meta":
+        raise InputError(
+            "Expected argument `frames` to hold data but got a tensor on the 'meta' device "
+            "(shape only, no values); create or move the frames on a real device (cpu, cuda)"
+        )
     c, h, w = model.input_shape
     expected = f"(N, {c}, {h or 'H'}, {w or 'W'})"
     if frames.dim() == 3:

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..stores import StateVersion
+
 __all__ = ["resident_bytes", "measure_in_subprocess", "state_footprint"]
 
 #: frames (in calls of 8) that bring a subject to its largest layout: with update_every=16,
@@ -57,11 +59,18 @@ class _ReplicatingStore:
         self._metadata = metadata
         self._ids = [f"subject-{i:05d}" for i in range(n)]
 
-    def write(self, subject: str, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
+    def write(
+        self,
+        subject: str,
+        tensors: dict[str, Tensor],
+        metadata: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+    ) -> StateVersion:
         raise NotImplementedError("read-only benchmark store")
 
     def read(self, subject: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return {k: v.clone() for k, v in self._tensors.items()}, dict(self._metadata)
+        return {k: v.clone() for k, v in self._tensors.items()}, {**self._metadata, "subject": subject}
 
     def subjects(self) -> list[str]:
         return list(self._ids)

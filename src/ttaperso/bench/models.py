@@ -84,7 +84,7 @@ def _fer() -> BenchModel:
     model = load_model("fer-mini-xception")
     c, h, w = model.input_shape
     lo, hi = model.input_range if model.input_range is not None else (-1.0, 1.0)
-    return BenchModel("fer-mini-xception", model, {}, (c, int(h or 64), int(w or 64)), (lo, hi))
+    return BenchModel("fer-mini-xception", model, {}, (c, h or 64, w or 64), (lo, hi))
 
 
 def _tiny() -> BenchModel:

@@ -185,8 +185,9 @@ def _throughput(
         for row in rows:
             if row["model"] != bm.name or row["batch"] != batch or "na" in row:
                 continue
-            s = stats[row["variant"]]
-            seen = tallies[row["variant"]]
+            variant = str(row["variant"])
+            s = stats[variant]
+            seen = tallies[variant]
             row.update(
                 speed=s.ratio,
                 cost=1.0 / s.ratio,

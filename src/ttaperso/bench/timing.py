@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["RatioStats", "interleaved_ratios", "median"]
 
-Block = Callable[[], None]
+Block = Callable[[], object]
 
 
 def median(values: list[float]) -> float:

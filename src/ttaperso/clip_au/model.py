@@ -22,6 +22,7 @@ digest), recomputed by :meth:`CLIPAUModel.refresh_text` after the text tower cha
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from torch import Tensor, nn
 from ..errors import InputError, ModelInterfaceError
 from ..model import FERModel
 from .aus import ACTION_UNITS, ActionUnit
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..adapters.open_clip_fer import CLIPFER
 
 __all__ = ["CLIPAUModel", "TemporalHead", "DEFAULT_CONTEXT"]
 
@@ -80,9 +84,13 @@ class CLIPAUModel(FERModel):
         use_image_features: also feed the image embedding (not only AU activations) to the head.
     """
 
+    clip: CLIPFER
+    au_tokens: Tensor
+    au_text: Tensor
+
     def __init__(
         self,
-        clip: FERModel,
+        clip: CLIPFER,
         labels: Sequence[str] | None = None,
         *,
         aus: Sequence[ActionUnit] = ACTION_UNITS,

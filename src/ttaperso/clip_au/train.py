@@ -115,10 +115,10 @@ class ClipDataset(torch.utils.data.Dataset):
         model_aus = {au: i for i, au in enumerate(model.au_ids)}
         self.au_mask = torch.zeros(len(model_aus), dtype=torch.bool)
         columns: list[tuple[int, int]] = []  # (stream column, model column)
-        for col, au in enumerate(au_ids or ()):
-            if au in model_aus:
-                columns.append((col, model_aus[au]))
-                self.au_mask[model_aus[au]] = True
+        for col, au_id in enumerate(au_ids or ()):
+            if au_id in model_aus:
+                columns.append((col, model_aus[au_id]))
+                self.au_mask[model_aus[au_id]] = True
         self.items: list[tuple[Tensor, Tensor, Tensor]] = []
         self.labels = tuple(model.labels)
         for stream in streams:
@@ -299,7 +299,7 @@ def make_lightning_module(
             self.model.eval()
             self.model.requires_grad_(False)
 
-        def training_step(self, batch: list, batch_idx: int) -> Tensor:  # type: ignore[override]
+        def training_step(self, batch: list, batch_idx: int) -> Tensor:
             loss, parts = clip_au_loss(self.model, batch, config.au_weight, class_weights)
             self.log("train_loss", parts["loss"], batch_size=len(batch))
             self.log("train_accuracy", parts["accuracy"], batch_size=len(batch))

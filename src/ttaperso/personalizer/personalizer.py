@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from .._version import __version__
 from ..audit import AuditLog
 from ..calibration import DEFAULT_MARGIN
 from ..config import StrategyConfig
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, StaleStateError
 from ..models import as_fer_model
 from ..runtime import ForwardOutput, ModelRuntime
 from ..source_data import SourceData
@@ -25,7 +26,16 @@ from ..strategies import StepResult, Strategy, build_strategy, make_config
 from ..validation import validate_frames, validate_subject
 from .batching import check_finite_outputs, chunk_subjects, split_output
 from .clinic import calibrate_state, neutral_index
-from .persistence import as_store, check_loaded, digest_of, state_metadata
+from .persistence import (
+    VersionBook,
+    as_store,
+    check_loaded,
+    digest_of,
+    is_versioned,
+    stale_hint,
+    state_metadata,
+    writes_conditionally,
+)
 from .prediction import Prediction
 from .trail import AuditTrail, as_audit
 
@@ -118,6 +128,9 @@ class Personalizer:
         #: live states: SubjectState after a step, PackedState at rest (loaded, saved)
         self._states: dict[str, SubjectState | PackedState] = {}
         self._lock = self._runtime.lock
+        #: store versions last loaded/saved per (store, subject), for compare-and-set saves
+        self._versions = VersionBook()
+        self._store_lock = threading.RLock()
         self._trail = AuditTrail(as_audit(audit), self._audit_context)
 
     # ------------------------------------------------------------ properties
@@ -363,9 +376,15 @@ class Personalizer:
     ) -> list[str]:
         """Write subject states (all, or the ones named) to a folder or store; return their ids.
 
-        Each subject's file is replaced atomically; a crash leaves the previous file intact.
+        Each subject's state is replaced atomically; a crash leaves the previous one intact.
+        Every write is a compare-and-set on the store version this Personalizer last loaded
+        or saved for the subject (0 for one it never loaded or saved there): when another
+        writer saved the subject since, that subject is not written and its in-memory state
+        is left as it was, the other subjects are saved, and
+        :class:`~ttaperso.errors.StaleStateError` names the refused ones and what to do.
         """
         store = as_store(target)
+        conditional = writes_conditionally(store)
         with self._lock:
             names = list(self._states) if subjects is None else list(subjects)
             unknown = [s for s in names if s not in self._states]
@@ -382,26 +401,68 @@ class Personalizer:
                 packed = live if isinstance(live, PackedState) else live.packed()
                 self._states[name] = packed
                 snapshot[name] = packed
+        if self._trail.log is not None:
+            for subject in snapshot:
+                self._trail.log.check(subject)  # a damaged log refuses before any write
         metadata = state_metadata(self._strategy, self._runtime)
-        for subject, state in snapshot.items():
-            kept = store.write(subject, state.flat(), metadata)
-            if self._trail.log is not None:
-                with self._lock:
-                    self._trail.saved(
-                        subject, digest_of(state), getattr(kept, "version", None), store
-                    )
+        refused: dict[str, StaleStateError] = {}
+        with self._store_lock:  # one save/load/rollback of this Personalizer at a time
+            for subject, state in snapshot.items():
+                expected = self._versions.get(store, subject) or 0
+                try:
+                    if conditional:
+                        kept = store.write(
+                            subject, state.flat(), metadata, expected_version=expected
+                        )
+                    else:  # a store written before the contract: unconditional
+                        kept = store.write(subject, state.flat(), metadata)
+                except StaleStateError as exc:
+                    refused[subject] = exc
+                    continue
+                version = kept.version if isinstance(kept, StateVersion) else None
+                self._versions.set(store, subject, version)
+                if self._trail.log is not None:
+                    with self._lock:
+                        self._trail.saved(
+                            subject,
+                            digest_of(state),
+                            version,
+                            store,
+                            from_version=expected,
+                        )
+        if refused:
+            details = "; ".join(f"{exc}" for exc in list(refused.values())[:5])
+            raise StaleStateError(
+                f"Not saved: {list(refused)[:10]}: another writer saved them since this "
+                f"Personalizer last loaded or saved them ({details}). To go on: "
+                f"{stale_hint(next(iter(refused)))}. Saved: {[s for s in names if s not in refused][:10]}"
+            )
         return names
 
     def load(
-        self, target: str | Path | StateStore, subjects: Iterable[str] | None = None
+        self,
+        target: str | Path | StateStore,
+        subjects: Iterable[str] | None = None,
+        *,
+        allow_config_change: bool = False,
     ) -> list[str]:
         """Load subject states (all in the store, or the ones named); return their ids.
 
-        Every file is checked first (format, base-model digest, strategy, tensor layout);
-        if any is refused, :class:`~ttaperso.errors.StateFileError` is raised and no
-        subject changes. Loaded subjects replace in-memory ones with the same id.
+        Every file is checked first (format, digests, base-model digest, strategy, config,
+        tensor layout and value ranges); if any is refused,
+        :class:`~ttaperso.errors.StateFileError` is raised and no subject changes. A state
+        saved with another config of the strategy is refused unless
+        ``allow_config_change=True``: it then continues under this Personalizer's config,
+        and the audit log's ``load`` record lists the changed keys. Loaded subjects replace
+        in-memory ones with the same id; the store version read is the one the next
+        :meth:`save` expects to find.
         """
         store = as_store(target)
+        if not isinstance(allow_config_change, bool):
+            raise InputError(
+                "Expected argument `allow_config_change` to be a bool but got "
+                f"{allow_config_change!r}"
+            )
         if subjects is None:
             if not isinstance(store, FolderStore):
                 entries = {s: store.read(s) for s in store.subjects()}
@@ -410,18 +471,32 @@ class Personalizer:
         else:
             entries = {validate_subject(s): store.read(s) for s in subjects}
         with torch.inference_mode(False):
+            reference = self._strategy.initial_state().flat()
             loaded = {
                 subject: check_loaded(
-                    self._strategy, self._runtime, subject, tensors, metadata, store
+                    self._strategy,
+                    self._runtime,
+                    subject,
+                    tensors,
+                    metadata,
+                    store,
+                    allow_config_change=allow_config_change,
+                    reference=reference,
                 )
                 for subject, (tensors, metadata) in entries.items()
             }
-        with self._lock:
-            self._states.update(loaded)
-            for subject, state in loaded.items():
-                self._trail.event(
-                    subject, "load", {"store": repr(store), "state_digest": digest_of(state)}
-                )
+        with self._store_lock, self._lock:
+            for subject, item in loaded.items():
+                self._states[subject] = item.state
+                self._versions.set(store, subject, item.version)
+                record: dict[str, Any] = {
+                    "store": repr(store),
+                    "state_digest": digest_of(item.state),
+                    "version": item.version,
+                }
+                if item.config_changes:
+                    record["config_changed"] = item.config_changes
+                self._trail.event(subject, "load", record)
         return list(loaded)
 
     # --------------------------------------------------------------- clinic
@@ -468,37 +543,74 @@ class Personalizer:
                 )
 
     def versions(self, target: str | Path | StateStore, subject: str) -> list[StateVersion]:
-        """Kept versions of ``subject`` in a versioned :class:`FolderStore`, oldest first."""
+        """Kept versions of ``subject`` in a versioned store, oldest first (current last)."""
         store = as_store(target)
-        if not isinstance(store, FolderStore):
-            raise InputError(f"Expected a FolderStore for versions but got {store!r}")
-        return store.versions(validate_subject(subject))
+        if not is_versioned(store):
+            raise InputError(
+                f"Expected a store with versions (versions/read_version/rollback, e.g. "
+                f"FolderStore) but got {store!r}"
+            )
+        return store.versions(validate_subject(subject))  # type: ignore[attr-defined]
 
-    def rollback(self, target: str | Path | StateStore, subject: str, version: int) -> None:
+    def rollback(
+        self,
+        target: str | Path | StateStore,
+        subject: str,
+        version: int,
+        *,
+        allow_config_change: bool = False,
+    ) -> StateVersion:
         """Make ``version`` of ``subject`` current again, in the store and in memory.
 
         The version is checked like any loaded state first; the rollback is written as a
-        new version (history is kept) and recorded in the audit log.
+        new version (history is kept), recorded in the audit log, and returned. When this
+        Personalizer loaded or saved the subject in that store, the write is a
+        compare-and-set on that version (a newer save by another writer refuses it with
+        :class:`~ttaperso.errors.StaleStateError`); otherwise it is unconditional.
         """
         store = as_store(target)
-        if not isinstance(store, FolderStore):
-            raise InputError(f"Expected a FolderStore for rollback but got {store!r}")
-        subject = validate_subject(subject)
-        tensors, metadata = store.read_version(subject, version)
-        with torch.inference_mode(False):
-            state = check_loaded(self._strategy, self._runtime, subject, tensors, metadata, store)
-        kept = store.rollback(subject, version)
-        with self._lock:
-            self._states[subject] = state
-            self._trail.event(
-                subject,
-                "rollback",
-                {
-                    "to_version": version,
-                    "new_version": None if kept is None else kept.version,
-                    "state_digest": digest_of(state),
-                },
+        if not is_versioned(store):
+            raise InputError(
+                f"Expected a store with versions (versions/read_version/rollback, e.g. "
+                f"FolderStore) but got {store!r}"
             )
+        subject = validate_subject(subject)
+        versioned: Any = store
+        tensors, metadata = versioned.read_version(subject, version)
+        with torch.inference_mode(False):
+            item = check_loaded(
+                self._strategy,
+                self._runtime,
+                subject,
+                tensors,
+                metadata,
+                store,
+                allow_config_change=allow_config_change,
+            )
+        with self._store_lock:
+            expected = self._versions.get(store, subject)
+            try:
+                kept = versioned.rollback(subject, version, expected_version=expected)
+            except StaleStateError as exc:
+                raise StaleStateError(
+                    f"{exc}. Subject {subject!r} was not rolled back: {stale_hint(subject)}"
+                ) from exc
+            new_version = kept.version if isinstance(kept, StateVersion) else None
+            self._versions.set(store, subject, new_version)
+            with self._lock:
+                self._states[subject] = item.state
+                record: dict[str, Any] = {
+                    "store": repr(store),
+                    "to_version": version,
+                    "version": new_version,
+                    "new_version": new_version,
+                    "from_version": expected,
+                    "state_digest": digest_of(item.state),
+                }
+                if item.config_changes:
+                    record["config_changed"] = item.config_changes
+                self._trail.event(subject, "rollback", record)
+        return kept
 
     def _audit_context(self) -> dict[str, Any]:
         return {

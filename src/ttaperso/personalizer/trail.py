@@ -76,8 +76,17 @@ class AuditTrail:
                 },
             )
 
-    def saved(self, subject: str, digest: str, version: int | None, store: object) -> None:
-        """Record a save with the activity since the previous one."""
+    def saved(
+        self,
+        subject: str,
+        digest: str,
+        version: int | None,
+        store: object,
+        *,
+        from_version: int | None = None,
+    ) -> None:
+        """Record a save (store version, the version it replaced) with the activity since
+        the previous one."""
         activity = self._activity.pop(subject, {"frames": 0, "updated": 0, "trips": 0})
         self.event(
             subject,
@@ -86,6 +95,7 @@ class AuditTrail:
                 "store": repr(store),
                 "state_digest": digest,
                 "version": version,
+                "from_version": from_version,
                 "since_last_save": activity,
             },
         )

@@ -178,7 +178,8 @@ class FisherStrategy(NormStrategy):
             names.append(name)
         return tensors, tuple(names)
 
-    def forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
+    def model_forward(self, state: SubjectState, frames: Tensor) -> ForwardOutput:
+        """The model with the subject's statistics and rebuilt selected parameters."""
         tensors, names = self._model_tensors(state)
         return self.runtime.forward(
             tensors,
@@ -335,4 +336,3 @@ class FisherStrategy(NormStrategy):
             )
         if state.memory["fisher.last_probs"].shape[0] > 1:
             raise StateFileError(f"{source}: memory/fisher.last_probs holds more than one frame")
-

@@ -143,7 +143,11 @@ class TentStrategy(NormStrategy):
             acc = state.memory.pop(f"grad/{name}", None)
             if grad is None and acc is None:
                 continue
-            g = grad if acc is None else (acc if grad is None else acc + grad)
+            if acc is None:
+                assert grad is not None  # both None was skipped above
+                g = grad
+            else:
+                g = acc if grad is None else acc + grad
             total[name] = g / pending
         if total:
             optimizer_step(state, total, self._make_optimizer)

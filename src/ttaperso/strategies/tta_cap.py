@@ -206,10 +206,12 @@ class TtaCapStrategy(Strategy):
         index = {s: i for i, s in enumerate(self.source_ids)}
         owner = torch.tensor([index[s] for s in source.subjects], device=features.device)
         n_src = len(self.source_ids)
-        like = {"dtype": features.dtype, "device": features.device}
-        self.source_mean = torch.zeros(n_src, self.dim, **like)
-        self.source_var = torch.zeros(n_src, self.dim, **like)
-        self.source_class_sums = torch.zeros(n_src, num_classes, self.dim, **like)
+        dtype, device = features.dtype, features.device
+        self.source_mean = torch.zeros(n_src, self.dim, dtype=dtype, device=device)
+        self.source_var = torch.zeros(n_src, self.dim, dtype=dtype, device=device)
+        self.source_class_sums = torch.zeros(
+            n_src, num_classes, self.dim, dtype=dtype, device=device
+        )
         self.source_class_counts = torch.zeros(
             n_src, num_classes, dtype=torch.int64, device=features.device
         )
@@ -311,11 +313,11 @@ class TtaCapStrategy(Strategy):
             valid = memory[f"cap.{name}_valid"].reshape(-1)
             if weight > 0 and bool(valid.any()):
                 keys = memory[f"cap.{name}_keys"].reshape(-1, self.dim)
-                got = retrieve(query, keys, valid, cfg.sharpness)
+                retrieved = retrieve(query, keys, valid, cfg.sharpness)
                 if name == "pos":
-                    pos = got
+                    pos = retrieved
                 else:
-                    neg = got
+                    neg = retrieved
                 active = True
         logits = out.logits
         if active:
@@ -427,4 +429,3 @@ class TtaCapStrategy(Strategy):
     def chosen_source_subjects(self, state: SubjectState) -> list[str]:
         """Ids of the source subjects picked for this subject (empty until calibrated)."""
         return [self.source_ids[i] for i in state.memory["cap.source_choice"].tolist() if i >= 0]
-

@@ -147,7 +147,7 @@ def parse_study_config(raw: Mapping[str, Any]) -> StudyConfig:
 
     unknown = sorted(set(raw) - _TOP_KEYS)
     _require(not unknown, f"Unknown study keys {unknown}; valid: {sorted(_TOP_KEYS)}")
-    name = raw.get("name")
+    name: Any = raw.get("name")  # checked just below
     _require(
         isinstance(name, str) and name.replace("_", "").replace("-", "").isalnum(),
         f"Study key `name` must be a non-empty name of letters, digits, _ or - but got {name!r}",
@@ -187,7 +187,7 @@ def parse_study_config(raw: Mapping[str, Any]) -> StudyConfig:
             f"[protocols.{pname}] batch_size must be a positive int but got {batch!r}",
         )
         protocols[pname] = ProtocolSpec(pname, order, batch)
-    evals = raw.get("eval")
+    evals: Any = raw.get("eval")  # checked just below
     _require(
         isinstance(evals, list) and bool(evals) and all(e in datasets for e in evals),
         f"Study key `eval` must list dataset names from {sorted(datasets)} but got {evals!r}",
