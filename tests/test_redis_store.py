@@ -17,6 +17,7 @@ import torch
 
 import ttaperso
 from ttaperso.errors import StaleStateError, StateFileError
+from ttaperso.stores import FORMAT_NAME, FORMAT_VERSION
 from ttaperso.stores.codec import decode_state
 
 pytest.importorskip("redis", reason="RedisStore needs the redis package (the serve extra)")
@@ -49,7 +50,7 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
     return {"params/w": torch.randn(4, 3, generator=g), "memory/n": torch.tensor([seed])}
 
 
-META = {"format": "ttaperso.subject-state", "version": 1, "strategy": "norm", "note": "x"}
+META = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "strategy": "norm", "note": "x"}
 
 
 def test_versions_start_at_one_and_increase(store: RedisStore) -> None:
@@ -67,9 +68,9 @@ def test_versions_start_at_one_and_increase(store: RedisStore) -> None:
 
 def test_stale_write_is_refused_and_writes_nothing(store: RedisStore) -> None:
     store.write("a", _state(1), META, expected_version=0)
-    with pytest.raises(StaleStateError, match=r"stored version is 1, the writer expected 0"):
+    with pytest.raises(StaleStateError, match=r"stored version 1, the writer's expected version 0"):
         store.write("a", _state(2), META, expected_version=0)
-    with pytest.raises(StaleStateError, match=r"stored version is 1, the writer expected 7"):
+    with pytest.raises(StaleStateError, match=r"stored version 1, the writer's expected version 7"):
         store.write("a", _state(2), META, expected_version=7)
     tensors, meta = store.read("a")
     assert meta["state_version"] == 1 and torch.equal(tensors["memory/n"], torch.tensor([1]))
@@ -166,6 +167,7 @@ def test_versions_rollback_and_pruning(store: RedisStore) -> None:
     digests = [store.write("a", _state(i), META).digest for i in range(5)]
     kept = store.versions("a")
     assert [v.version for v in kept] == [3, 4, 5]  # keep_versions=3, the current included
+    assert store.current("a") == kept[-1]
     assert [v.digest for v in kept] == digests[2:]
     with pytest.raises(StateFileError, match=r"no version 1 .* kept versions: \[3, 4, 5\]"):
         store.read_version("a", 1)
@@ -179,7 +181,7 @@ def test_versions_rollback_and_pruning(store: RedisStore) -> None:
     assert [v.version for v in store.versions("a")] == [4, 5, 6]
 
 
-def test_delete_erases_everything_and_numbers_go_on(store: RedisStore) -> None:
+def test_delete_erases_everything(store: RedisStore) -> None:
     for i in range(3):
         store.write("a", _state(i), META)
     store.write("b", _state(9), META)
@@ -187,18 +189,27 @@ def test_delete_erases_everything_and_numbers_go_on(store: RedisStore) -> None:
         store.delete("a", expected_version=2)
     store.delete("a", expected_version=3)
     assert store.current_version("a") == 0 and store.versions("a") == []
-    assert store.subjects() == ["b"]
+    assert store.current("a") is None and store.subjects() == ["b"]
     with pytest.raises(StateFileError, match="no state for subject 'a'"):
         store.read("a")
     with pytest.raises(StateFileError, match="no state for subject 'a'"):
         store.delete("a")
     base = f"{store.namespace}:{{{subject_key('a')}}}"
-    left = sorted(k.decode() for k in store.client.keys(f"{base}*"))
-    assert left == [f"{base}:meta"]
-    assert set(store.client.hgetall(f"{base}:meta")) == {b"current", b"counter"}  # no id
-    with pytest.raises(StaleStateError):  # a writer holding version 3 cannot resurrect it
+    assert store.client.keys(f"{base}*") == []  # nothing of the subject is left
+    with pytest.raises(StaleStateError):  # a writer holding version 3 is refused
         store.write("a", _state(5), META, expected_version=3)
-    assert store.write("a", _state(5), META, expected_version=0).version == 4
+    assert store.write("a", _state(5), META, expected_version=0).version == 1
+
+
+def test_a_collision_never_overwrites(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ttaperso.stores.redis as redis_module
+
+    store.write("p:1", _state(1), META)
+    monkeypatch.setattr(redis_module, "subject_key", lambda s: subject_key("p:1"))
+    with pytest.raises(StateFileError, match=r"holds subject 'p:1', not 'p,1'"):
+        store.write("p,1", _state(2), META)
+    monkeypatch.undo()
+    assert torch.equal(store.read("p:1")[0]["memory/n"], torch.tensor([1]))
 
 
 def test_export_bytes_are_a_state_file(store: RedisStore) -> None:

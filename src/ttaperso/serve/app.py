@@ -371,7 +371,7 @@ def create_app(
         """
         token = auth.bearer(request.headers.get("authorization"))
         if token is None or not (auth.is_server(token) or token.startswith("s.")):
-            return _unauthorized()
+            raise _Denied()
         form = await request.form(
             max_files=limits.max_frames + limits.max_subjects, max_fields=limits.max_subjects
         )
@@ -395,7 +395,7 @@ def create_app(
                 )
         subjects = list(dict.fromkeys([*images, *arrays]))
         if not auth.allows(token, subjects):
-            return _unauthorized()
+            raise _Denied()
         if not subjects:
             raise InputError(
                 "Expected at least one part named 'frames:<subject>' or 'array:<subject>'"

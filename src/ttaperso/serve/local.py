@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 __all__ = ["RedisServer", "ServerThread", "free_port", "redis_server_binary"]
 
@@ -145,7 +146,7 @@ class ServerThread:
     and stops it on exit.
     """
 
-    def __init__(self, app: object, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None) -> None:
         import threading
 
         import uvicorn

@@ -99,7 +99,7 @@ class _Resident:
 
     def __init__(self, service: SubjectService, subject: str) -> None:
         self.subject = subject
-        self.__del__ = lambda: service.evict(subject)  # type: ignore[method-assign]
+        self.__del__ = lambda: service.evict(subject)
 
 
 def build_deployment(

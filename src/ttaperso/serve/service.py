@@ -27,7 +27,6 @@ subjects run concurrently, the model itself under the Personalizer's lock.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import threading
 import time
@@ -44,7 +43,7 @@ from ..audit import AuditLog, verify_file
 from ..errors import InputError, StaleStateError, StateFileError, TTAPersoError
 from ..model import FERModel
 from ..personalizer import Personalizer, Prediction
-from ..stores import FolderStore, StateStore, StateVersion, subject_filename
+from ..stores import FolderStore, StateStore, StateVersion, VersionedStateStore
 from ..stores.codec import decode_state, encode_state
 from ..validation import validate_subject
 
@@ -98,35 +97,33 @@ class ServiceSpec:
     threads: int = 1
 
 
-def build_store(spec: ServiceSpec) -> StateStore:
+def build_store(spec: ServiceSpec) -> VersionedStateStore:
     """The store a spec names: a ``redis://``/``rediss://`` URL or a folder."""
     if spec.store.startswith(("redis://", "rediss://", "unix://")):
         from ..stores.redis import RedisStore
 
-        return cast(
-            StateStore,
-            RedisStore(spec.store, namespace=spec.namespace, keep_versions=spec.keep_versions),
-        )
-    return cast(StateStore, FolderStore(spec.store, keep_versions=spec.keep_versions))
+        return RedisStore(spec.store, namespace=spec.namespace, keep_versions=spec.keep_versions)
+    return FolderStore(spec.store, keep_versions=spec.keep_versions)
 
 
 class _TrackingStore:
     """The service's view of its store, handed to ``Personalizer.save/load``.
 
     Records the version of every state read and written, and makes every write a
-    compare-and-set against the version the service holds (when the store supports it).
+    compare-and-set against the version the *service* holds for the subject. That is the
+    Personalizer's own expectation in every ordinary case; it differs only when the
+    service dropped a copy the Personalizer still tracks (a subject erased or moved
+    elsewhere), where the service's number (what it reloaded) is the right one.
     """
 
-    def __init__(self, inner: StateStore, expected: Callable[[str], int]) -> None:
+    def __init__(self, inner: VersionedStateStore, expected: Callable[[str], int]) -> None:
         self.inner = inner
         self._expected = expected
-        params = inspect.signature(inner.write).parameters
-        self.cas = "expected_version" in params
         self.last_read: dict[str, int | None] = {}
-        self.last_written: dict[str, StateVersion | None] = {}
+        self.last_written: dict[str, StateVersion] = {}
 
     def __repr__(self) -> str:
-        return repr(self.inner)
+        return repr(self.inner)  # the Personalizer tracks versions per repr(store)
 
     def write(
         self,
@@ -135,14 +132,10 @@ class _TrackingStore:
         metadata: dict[str, Any],
         *,
         expected_version: int | None = None,
-    ) -> StateVersion | None:
-        # The versioned write of the store contract (issue 17 extends StateStore with it).
-        inner: Any = self.inner
-        if self.cas:
-            expected = expected_version if expected_version is not None else self._expected(subject)
-            kept = inner.write(subject, tensors, metadata, expected_version=expected)
-        else:
-            kept = inner.write(subject, tensors, metadata)
+    ) -> StateVersion:
+        kept = self.inner.write(
+            subject, tensors, metadata, expected_version=self._expected(subject)
+        )
         self.last_written[subject] = kept
         return kept
 
@@ -183,7 +176,7 @@ class SubjectService:
     def __init__(
         self,
         personalizer: Personalizer,
-        store: StateStore,
+        store: VersionedStateStore,
         *,
         audit: AuditLog | None = None,
         save_every: float = 0.0,
@@ -196,7 +189,7 @@ class SubjectService:
         self.save_every = float(save_every)
         self._tracker = _TrackingStore(store, lambda s: self._versions.get(s, 0))
         #: the tracker as the Personalizer sees it (a StateStore)
-        self._tracked = cast(StateStore, self._tracker)
+        self._tracked: StateStore = self._tracker
         #: store version of each subject's in-memory state (absent: not loaded / dropped)
         self._versions: dict[str, int] = {}
         self._dirty: set[str] = set()
@@ -243,11 +236,11 @@ class SubjectService:
                 stack.enter_context(self._stripes[i])
             yield
 
-    def _exists(self, subject: str) -> bool:
-        store = self.store
-        if isinstance(store, FolderStore):
-            return (store.path / subject_filename(subject)).is_file()
-        return subject in store.subjects()
+    def _current(self, subject: str) -> StateVersion | None:
+        """The store's current version of ``subject`` (None: absent)."""
+        if isinstance(self.store, FolderStore) and not self.store.path.is_dir():
+            return None  # nothing saved yet
+        return cast(Any, self.store).current(subject)
 
     def _store_version(self, subject: str) -> int | None:
         """The store's current version (None: the store cannot tell cheaply)."""
@@ -265,7 +258,7 @@ class SubjectService:
             self._loaded[subject] = False
             return known
         self._loaded[subject] = True
-        absent = current == 0 if current is not None else not self._exists(subject)
+        absent = current == 0 if current is not None else self._current(subject) is None
         p = self.personalizer
         if absent:
             if subject in p.subjects:  # erased or reset elsewhere, or a dropped copy
@@ -274,15 +267,15 @@ class SubjectService:
             return 0
         p.load(self._tracked, [subject])
         version = self._tracker.last_read.get(subject)
-        if version is None:  # a store that does not report versions on read
-            kept = self._versions_of(subject)
-            version = kept[-1].version if kept else 1
+        if version is None:
+            raise StateFileError(f"{self.store!r} subject {subject!r}: read without a version")
         self._versions[subject] = version
         return version
 
     def _versions_of(self, subject: str) -> list[StateVersion]:
-        versions = getattr(self.store, "versions", None)
-        return [] if versions is None else list(versions(subject))
+        if isinstance(self.store, FolderStore) and not self.store.path.is_dir():
+            return []
+        return list(self.store.versions(subject))
 
     def _drop(self, subject: str) -> None:
         """Forget the in-memory version: the next use reloads from the store."""
@@ -299,11 +292,10 @@ class SubjectService:
             self._digests.pop(subject, None)
             return None
         self.personalizer.save(self._tracked, [subject])
-        kept = self._tracker.last_written.get(subject)
-        version = kept.version if kept is not None else based_on + 1
-        self._versions[subject] = version
-        self._digests[subject] = kept.digest if kept is not None else None
-        return version
+        kept = self._tracker.last_written[subject]
+        self._versions[subject] = kept.version
+        self._digests[subject] = kept.digest
+        return kept.version
 
     def _trips(self, subject: str) -> int:
         if not self._has_guard or subject not in self.personalizer.subjects:
@@ -450,23 +442,18 @@ class SubjectService:
                     self._drop(subject)
                     raise
                 self._drop(subject)
-                version = self._fresh(subject)  # load the stored fresh state (audited)
-                return {
-                    "subject": subject,
-                    "version": kept.version if kept is not None else version,
-                    "based_on": based_on,
-                }
+                self._fresh(subject)  # load the stored fresh state (audited)
+                return {"subject": subject, "version": kept.version, "based_on": based_on}
         raise StaleStateError(f"subject {subject!r}: the store kept changing; not reset")
 
     def versions(self, subject: str) -> dict[str, Any]:
         """Kept versions of ``subject`` (oldest first) and the current version."""
         subject = validate_subject(subject)
         with self._locked([subject]):
-            current = self._store_version(subject)
+            now = self._current(subject)
             kept = self._versions_of(subject)
-            if current is None:
-                current = kept[-1].version if kept else (1 if self._exists(subject) else 0)
-        if not current and not kept:
+        current = 0 if now is None else now.version
+        if not current:
             raise UnknownSubjectError(f"No state for subject {subject!r}")
         return {
             "subject": subject,
@@ -489,7 +476,7 @@ class SubjectService:
                 raise UnknownSubjectError(
                     f"No version {version} of subject {subject!r}; kept versions: {kept}"
                 )
-            _, metadata = self.store.read_version(subject, version)  # type: ignore[attr-defined]
+            _, metadata = self.store.read_version(subject, version)
             ours = p.state_metadata()
             for key in ("model_digest", "strategy"):
                 if metadata.get(key) != ours[key]:
@@ -497,29 +484,25 @@ class SubjectService:
                         f"subject {subject!r} version {version}: made with {key} "
                         f"{str(metadata.get(key))[:16]!r}, this server runs {str(ours[key])[:16]!r}"
                     )
-            rollback = self.store.rollback  # type: ignore[attr-defined]
             try:
-                if self._tracker.cas:
-                    new = rollback(subject, version, expected_version=based_on)
-                else:
-                    new = rollback(subject, version)
+                new = self.store.rollback(subject, version, expected_version=based_on)
             finally:
                 self._drop(subject)
-            current = self._fresh(subject)
+            self._fresh(subject)
             if self.audit is not None:
                 self.audit.append(
                     subject,
                     "rollback",
                     {
                         "to_version": version,
-                        "new_version": new.version if new is not None else current,
+                        "new_version": new.version,
                         "store": repr(self.store),
                         **{k: ours[k] for k in ("strategy", "model_digest")},
                     },
                 )
         return {
             "subject": subject,
-            "version": new.version if new is not None else current,
+            "version": new.version,
             "rolled_back_to": version,
             "based_on": based_on,
         }
@@ -529,53 +512,41 @@ class SubjectService:
         subject = validate_subject(subject)
         read_bytes = getattr(self.store, "read_bytes", None)
         try:
-            if read_bytes is not None:
+            if read_bytes is not None:  # RedisStore: the stored bytes, checked
                 data, version = read_bytes(subject)
-            elif isinstance(self.store, FolderStore):
-                path = self.store.path / subject_filename(subject)
-                if not path.is_file():
-                    raise UnknownSubjectError(f"No state for subject {subject!r}")
-                data = path.read_bytes()
-                decoded = decode_state(data, f"{self.store!r} subject {subject!r}")
-                if decoded.metadata.get("subject") != subject:
-                    raise StateFileError(f"{path}: holds another subject's state")
-                version = decoded.version or (self.versions(subject)["current"])
             else:
-                tensors, metadata = self.store.read(subject)
-                version = int(metadata.get("state_version") or 0)
-                body = {k: v for k, v in metadata.items() if k not in ("subject", "state_version")}
-                data, _ = encode_state(tensors, body, subject, version or None)
+                current = self._current(subject)
+                if current is None:
+                    raise UnknownSubjectError(f"No state for subject {subject!r}")
+                if current.path is not None:  # FolderStore: the file itself
+                    data = current.path.read_bytes()
+                    version = current.version
+                else:  # any other store: the same bytes, encoded again
+                    tensors, metadata = self.store.read(subject)
+                    version = int(metadata["state_version"])
+                    data, _ = encode_state(tensors, metadata, subject, version)
         except StateFileError as exc:
             if "no state for subject" in str(exc):
                 raise UnknownSubjectError(f"No state for subject {subject!r}") from exc
             raise
         decoded = decode_state(data, f"export of {subject!r}")
-        return data, int(version), decoded.digest or ""
+        if decoded.metadata.get("subject") != subject or decoded.version != version:
+            raise StateFileError(
+                f"export of {subject!r}: the state changed while it was read; try again"
+            )
+        return data, int(version), decoded.digest
 
     def delete(self, subject: str) -> dict[str, Any]:
         """Erase ``subject``: its current state and every kept version (right to erasure)."""
         subject = validate_subject(subject)
         p = self.personalizer
         with self._locked([subject]):
-            current = self._store_version(subject)
-            if current == 0 or (current is None and not self._exists(subject)):
+            if self._current(subject) is None:
                 raise UnknownSubjectError(f"No state for subject {subject!r}")
             erased = [v.version for v in self._versions_of(subject)]
-            delete = getattr(self.store, "delete", None)
-            if delete is not None:
-                delete(subject)
-            else:  # an older FolderStore without delete: remove its files
-                assert isinstance(self.store, FolderStore)
-                (self.store.path / subject_filename(subject)).unlink(missing_ok=True)
-                folder = (
-                    self.store.path
-                    / ".versions"
-                    / subject_filename(subject)[: -len(".safetensors")]
-                )
-                for file in folder.glob("*"):
-                    file.unlink()
-                if folder.is_dir():
-                    folder.rmdir()
+            # Unconditional: erasure removes whatever is stored, even a version written by
+            # another replica a moment ago.
+            self.store.delete(subject)
             self._drop(subject)
             if subject in p.subjects:
                 p.reset(subject)
@@ -605,12 +576,9 @@ class SubjectService:
 
     def subjects(self) -> list[str]:
         """Ids of the subjects with a stored state."""
-        return sorted(self.store.subjects()) if self._store_has_states() else []
-
-    def _store_has_states(self) -> bool:
-        if isinstance(self.store, FolderStore):
-            return self.store.path.is_dir()
-        return True
+        if isinstance(self.store, FolderStore) and not self.store.path.is_dir():
+            return []  # nothing saved yet
+        return sorted(self.store.subjects())
 
     def health(self) -> dict[str, Any]:
         """Liveness and whether the store answers."""
@@ -635,9 +603,7 @@ class SubjectService:
         except BaseException:
             self._drop(subject)
             raise
-        kept = self._tracker.last_written.get(subject)
-        if kept is not None:
-            self._versions[subject] = kept.version
+        self._versions[subject] = self._tracker.last_written[subject].version
         self._dirty.discard(subject)
 
     def flush(self) -> int:

@@ -6,14 +6,15 @@ Implements the store contract (``stores/base.py``) on `redis-py`_:
   safetensors blob as a :class:`~ttaperso.stores.folder.FolderStore` file), so decoding runs
   the same format, digest and subject checks, and the Personalizer the same model checks;
 * versions are integers per subject (0 = absent, the first write is 1, every write is the
-  subject's last number + 1, never reused, not even after :meth:`RedisStore.delete`);
+  current + 1, none reused or lost with several writers; an erased subject starts again);
 * every write is a compare-and-set in one Lua script (atomic on the server): with
   ``expected_version`` it refuses with :class:`~ttaperso.errors.StaleStateError` when the
   subject's current version differs, so a stale replica can never overwrite newer state;
 * keys are built from a SHA-256 of the subject id, never from the id itself:
   ``<namespace>:{<hash>}:meta`` (hash: ``id``, ``current``, ``counter``),
   ``<namespace>:{<hash>}:v:<n>`` (the bytes of version ``n``), ``<namespace>:{<hash>}:vinfo``
-  (hash ``n`` -> ``digest|saved_at``) and ``<namespace>:subjects`` (hash -> id). The braces
+  (hash ``n`` -> ``digest|saved_at``) and ``<namespace>:subjects`` (hash -> id); a write
+  refuses a key that holds another id (a collision never overwrites). The braces
   are a Redis Cluster hash tag: all keys of one subject live in one slot, so the scripts
   touch one node.
 
@@ -48,10 +49,13 @@ MAX_STATE_BYTES = 512 * 1024 * 1024
 # KEYS: meta, vinfo, subjects.  ARGV: expected (-1: unconditional), assumed counter,
 # subject id, hash, bytes, digest, saved_at, keep (versions kept, >= 1), version-key prefix.
 # Returns {status, current, counter}: status 1 written (as counter + 1), 0 stale
-# (current != expected), 2 the counter moved since the caller encoded (retry).
+# (current != expected), 2 the counter moved since the caller encoded (retry), 3 the key
+# holds another subject (a hash collision: nothing is overwritten).
 _WRITE = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'current') or '0')
 local counter = tonumber(redis.call('HGET', KEYS[1], 'counter') or '0')
+local owner = redis.call('HGET', KEYS[1], 'id')
+if owner and owner ~= ARGV[3] then return {3, current, counter} end
 local expected = tonumber(ARGV[1])
 if expected >= 0 and current ~= expected then return {0, current, counter} end
 if counter ~= tonumber(ARGV[2]) then return {2, current, counter} end
@@ -85,9 +89,7 @@ if current == 0 then return {-1, 0} end
 local expected = tonumber(ARGV[1])
 if expected >= 0 and current ~= expected then return {0, current} end
 for _, old in ipairs(redis.call('HKEYS', KEYS[2])) do redis.call('DEL', ARGV[3] .. old) end
-redis.call('DEL', ARGV[3] .. current, KEYS[2])
-redis.call('HDEL', KEYS[1], 'id')
-redis.call('HSET', KEYS[1], 'current', 0)
+redis.call('DEL', ARGV[3] .. current, KEYS[2], KEYS[1])
 redis.call('HDEL', KEYS[3], ARGV[2])
 return {1, current}
 """
@@ -129,8 +131,7 @@ class RedisStore:
             or ``password=``). Ignored when ``client`` is given.
         namespace: prefix of every key (several deployments can share one database).
         keep_versions: versions kept per subject for :meth:`rollback`, the current one
-            included (0: history not listed, like ``FolderStore(keep_versions=0)``; the
-            current state is always kept).
+            included (0 keeps the current state alone, like ``FolderStore``).
         client: an existing ``redis.Redis`` (bytes responses, ``decode_responses=False``).
         **options: passed to ``redis.Redis.from_url`` (``socket_timeout=``, ...).
 
@@ -219,6 +220,16 @@ class RedisStore:
         return decoded.tensors, {**decoded.metadata, "state_version": version}, decoded.digest
 
     # ------------------------------------------------------------ contract
+    def current(self, subject: str) -> StateVersion | None:
+        """The current version of ``subject`` (None when absent), without reading its bytes."""
+        version = self.current_version(subject)
+        if not version:
+            return None
+        _, vinfo, _, _ = self._keys(subject)
+        raw = self._call("reading the version", self.client.hget, vinfo, str(version))
+        digest, _, saved = (raw or b"|0").decode().partition("|")
+        return StateVersion(version, digest, float(saved or 0), None)
+
     def current_version(self, subject: str) -> int:
         """The subject's current version (0: absent): one cheap round trip, no decoding."""
         meta, _, _, _ = self._keys(_check_subject(subject))
@@ -271,13 +282,20 @@ class RedisStore:
                 return StateVersion(int(current), digest, saved_at, None)
             if status == 0:
                 raise self._stale(subject, expected, int(current))
+            if status == 3:
+                owner = self._call("reading the owner", self.client.hget, meta, "id")
+                raise StateFileError(
+                    f"{self!r}: the key of subject {subject!r} holds subject "
+                    f"{owner.decode(errors='replace')!r}, not {subject!r} (a hash collision); "
+                    "nothing was written"
+                )
             # status 2: another writer took the next number while we encoded; an
             # unconditional write encodes again with the new number.
 
     def _stale(self, subject: str, expected: int, current: int) -> StaleStateError:
         return StaleStateError(
-            f"{self!r} subject {subject!r}: stored version is {current}, the writer expected "
-            f"{expected}; another writer saved this subject since (nothing was written)"
+            f"{self!r} subject {subject!r}: stored version {current}, the writer's expected "
+            f"version {expected}; another writer saved this subject since (nothing was written)"
         )
 
     def read(self, subject: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -308,8 +326,8 @@ class RedisStore:
     def delete(self, subject: str, *, expected_version: int | None = None) -> None:
         """Erase the current state and every kept version (unknown subject: StateFileError).
 
-        Only the version counter stays, under the hash of the id (no id, no state), so a
-        writer holding a pre-erasure version can never bring erased data back.
+        Nothing of the subject stays (as in FolderStore): a new state after the erasure
+        starts again at version 1.
         """
         subject = _check_subject(subject)
         expected = _check_expected(expected_version)
@@ -335,10 +353,11 @@ class RedisStore:
         return dict(sorted(out.items()))
 
     def versions(self, subject: str) -> list[StateVersion]:
-        """The kept versions of ``subject``, oldest first (the last one is the current state)."""
+        """The kept versions of ``subject``, oldest first, the current one last.
+
+        With ``keep_versions=0`` that is the current state alone (as in FolderStore).
+        """
         subject = _check_subject(subject)
-        if not self.keep_versions:
-            return []
         return [StateVersion(n, d, t, None) for n, (d, t) in self._kept(subject).items()]
 
     def read_version(self, subject: str, version: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
