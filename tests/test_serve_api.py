@@ -416,3 +416,19 @@ def test_concurrent_requests_on_shared_subjects_serialise_per_subject(served: Se
         assert [v for v, _ in mine] == list(range(1, len(mine) + 1))
         assert all(b == v - 1 for v, b in mine)
         assert served.client.versions(f"shared-{s}")["current"] == len(mine)
+
+
+def test_guard_trips_reach_the_answer_and_the_metrics(tmp_path: Path) -> None:
+    """A collapse guard set to trip on any divergence: its recoveries are counted."""
+    guard = ttaperso.CollapseGuard(
+        window=4, check_every=1, sample=1, min_frames=1, max_divergence=1e-9,
+        signals=("divergence",), recover="source",
+    )  # fmt: skip
+    p = ttaperso.Personalizer(tiny_model(), "tent", guard=guard, **OPTIONS)
+    service = SubjectService(p, ttaperso.FolderStore(tmp_path / "s", keep_versions=2))
+    app = create_app(service, p.model, TOKEN)
+    with ServerThread(app) as url, Client(url, TOKEN) as c:
+        trips = sum(c.predict("g", array=faces(2, k))["guard_trips"] for k in range(4))
+        text = c.metrics()
+    assert trips >= 1
+    assert f"\nttaperso_guard_trips_total {float(trips)}" in text
