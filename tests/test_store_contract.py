@@ -65,8 +65,47 @@ def _folder_collide(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(folder_module, "_id_hash", lambda subject: "0")
 
 
+#: one redis-server for the module's Redis stores, started on first use (each test gets its
+#: own key namespace), stopped at exit; child processes of the race tests reuse it
+_REDIS: list[Any] = []
+
+
+def _redis_unavailable() -> str | None:
+    try:
+        import redis  # noqa: F401
+
+        from ttaperso.serve.local import redis_server_binary
+    except ImportError:
+        return "RedisStore needs the redis package (the serve extra)"
+    if redis_server_binary() is None:
+        return "redis-server not installed (apt-get install redis-server; .ci/run installs it)"
+    return None
+
+
+def _redis_store(tmp_path: Path) -> Any:
+    import atexit
+    import tempfile
+
+    from ttaperso.serve.local import RedisServer
+    from ttaperso.stores.redis import RedisStore
+
+    if not _REDIS:
+        server = RedisServer(tempfile.mkdtemp(prefix="ttaperso-contract-redis-")).start()
+        atexit.register(server.stop)
+        _REDIS.append(server)
+    namespace = "c" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]
+    return RedisStore(_REDIS[0].url, namespace=namespace, keep_versions=100)
+
+
+def _redis_collide(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ttaperso.stores.redis as redis_module
+
+    monkeypatch.setattr(redis_module, "subject_key", lambda subject: "0" * 64)
+
+
 STORE_FACTORIES: list[StoreFactory] = [
     StoreFactory("folder", _folder_store, _folder_collide),
+    StoreFactory("redis", _redis_store, _redis_collide, _redis_unavailable),
 ]
 
 

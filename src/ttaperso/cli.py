@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    from .serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -168,6 +171,13 @@ def _add_study_parser(sub: Any) -> None:
     )
     study.add_argument("--cache", metavar="DIR", help="cell cache folder (default: <out>/cells)")
     study.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the cells as Ray tasks (a cluster's address, or none: a local cluster on loopback)",
+    )
+    study.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -182,7 +192,12 @@ def _cmd_study(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
 
     config = load_study_config(args.config, args.overrides)
     out = args.out or f"study_{config.name}"
-    run = run_study(config, out, progress=args.progress, cache=args.cache)
+    executor = None
+    if args.ray is not None:
+        from .study.ray_cells import ray_executor
+
+        executor = ray_executor(None if args.ray == "local" else args.ray)
+    run = run_study(config, out, progress=args.progress, cache=args.cache, executor=executor)
     words = list(sys.argv[1:] if argv is None else argv)
     command = "ttaperso " + " ".join(shlex.quote(w) for w in words)
     report = write_report(run, command=command)
@@ -299,6 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench.cli import run_bench_command
 
             run_bench_command(args, argv)
+        elif args.command == "serve":
+            from .serve.cli import run_serve_command
+
+            return run_serve_command(args)
     except TTAPersoError as exc:
         message = _in_cli_terms(str(exc), getattr(args, "cli_options", {}))
         print(f"ttaperso: error: {message}", file=sys.stderr)

@@ -41,7 +41,15 @@ from ..streams.types import SubjectStream
 from .config import ProtocolSpec, StudyConfig
 from .sources import load_dataset, load_model_spec, source_sample
 
-__all__ = ["CACHE_VERSION", "Cell", "StudyRun", "run_study", "feed_streams"]
+__all__ = [
+    "CACHE_VERSION",
+    "Cell",
+    "CellExecutor",
+    "StudyRun",
+    "compute_cell",
+    "feed_streams",
+    "run_study",
+]
 
 log = logging.getLogger("ttaperso.study")
 
@@ -221,6 +229,19 @@ def _score(result: dict[str, Any], metric: str, num_classes: int) -> float:
     return float(getattr(metrics.scores(preds, targets, num_classes), metric))
 
 
+#: runs cells elsewhere: ``executor(config, cells)`` -> their results, in order
+#: (:func:`ttaperso.study.ray_cells.ray_executor` runs them as Ray tasks)
+CellExecutor = Callable[[StudyConfig, list[Cell]], list[dict[str, Any]]]
+
+
+def compute_cell(config: StudyConfig, cell: Cell, res: _Resources | None = None) -> dict[str, Any]:
+    """One cell's result (``seconds`` included), as the local run computes it."""
+    t0 = time.perf_counter()
+    result = _compute(cell, res if res is not None else _Resources(config))
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
 def run_study(
     config: StudyConfig,
     out: str | Path,
@@ -228,6 +249,7 @@ def run_study(
     progress: bool | None = None,
     cache: str | Path | None = None,
     on_cell: Callable[[Cell, dict[str, Any], bool], None] | None = None,
+    executor: CellExecutor | None = None,
 ) -> StudyRun:
     """Run (or resume) ``config``; each finished cell's result is written to the cache.
 
@@ -238,6 +260,9 @@ def run_study(
         cache: folder of the cell results (default ``<out>/cells``).
         on_cell: called after every cell as ``on_cell(cell, result, computed)``
             (``computed`` False when the result came from the cache).
+        executor: compute the missing cells elsewhere, many at once (``ttaperso study
+            --ray``): first every dev cell, then, after the selections, every eval cell.
+            Results are cached and reported exactly as a local run's.
 
     Returns the :class:`StudyRun` (cells with results, hyperparameter selections, how many
     cells were computed and loaded, wall time); :func:`ttaperso.study.write_report` turns
@@ -253,29 +278,41 @@ def run_study(
     run = StudyRun(config=config, out=out)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(desc=f"study {config.name}", unit="cell", disable=not show)
+    #: results computed by the executor, by cell key (refusals are not cached on disk)
+    remote: dict[str, dict[str, Any]] = {}
 
-    def get(cell: Cell) -> dict[str, Any]:
+    def locate(cell: Cell) -> tuple[str, Path, dict[str, Any], dict[str, Any] | None]:
+        """(key, cache file, payload, cached result or None) of a cell."""
         payload = _cell_payload(cell, res)
         key = hashlib.sha256(_canonical(payload).encode()).hexdigest()
         path = cache / f"{key[:24]}.json"
-        result: dict[str, Any] | None = None
         if path.exists():
             try:
                 stored = json.loads(path.read_text())
                 if stored.get("key") == key:
-                    result = stored["result"]
+                    return key, path, payload, stored["result"]
             except (OSError, ValueError, KeyError):
                 log.warning("unreadable cell file %s: recomputing", path)
-        computed = result is None
+        return key, path, payload, None
+
+    def store(
+        cell: Cell, key: str, path: Path, payload: dict[str, Any], result: dict[str, Any]
+    ) -> None:
+        if result["status"] == "ok":  # refusals are cheap to redo and may be fixed
+            record = {"key": key, "cell": payload, "result": result}
+            atomic_write_bytes(path, json.dumps(record).encode())
+        log.info("%s: %s (%.1fs)", cell.describe(), result["status"], result["seconds"])
+
+    def get(cell: Cell) -> dict[str, Any]:
+        key, path, payload, result = locate(cell)
+        if key in remote:  # computed by the executor in this run (and cached by it)
+            result = remote[key]
+        computed = result is None or key in remote
         if result is None:
-            t0 = time.perf_counter()
-            result = _compute(cell, res)
-            result["seconds"] = time.perf_counter() - t0
-            if result["status"] == "ok":  # refusals are cheap to redo and may be fixed
-                record = {"key": key, "cell": payload, "result": result}
-                atomic_write_bytes(path, json.dumps(record).encode())
+            result = compute_cell(config, cell, res)
+            store(cell, key, path, payload, result)
+        if computed:
             run.computed += 1
-            log.info("%s: %s (%.1fs)", cell.describe(), result["status"], result["seconds"])
         else:
             run.loaded += 1
             log.debug("%s: loaded from cache", cell.describe())
@@ -285,7 +322,32 @@ def run_study(
             on_cell(cell, result, computed)
         return result
 
-    try:
+    def peek(cell: Cell) -> dict[str, Any]:
+        """A prefetched or cached result, recorded nowhere (the executor's planning pass)."""
+        key, _, _, result = locate(cell)
+        return result if result is not None else remote[key]
+
+    def prefetch(cells: list[Cell]) -> None:
+        """Compute every missing cell of ``cells`` with the executor; cache the results."""
+        assert executor is not None
+        todo: dict[str, tuple[Cell, Path, dict[str, Any]]] = {}
+        for cell in cells:
+            key, path, payload, result = locate(cell)
+            if result is None and key not in remote:
+                todo.setdefault(key, (cell, path, payload))
+        if not todo:
+            return
+        log.info("computing %d cell(s) with %s", len(todo), getattr(executor, "name", "executor"))
+        results = executor(config, [cell for cell, _, _ in todo.values()])
+        for (key, (cell, path, payload)), result in zip(todo.items(), results, strict=True):
+            remote[key] = result
+            store(cell, key, path, payload, result)
+
+    def walk(
+        dev: Callable[[Cell], dict[str, Any]], evaluate: Callable[[Cell], Any]
+    ) -> list[dict[str, Any]]:
+        """Visit the cells in the local run's order; return the selections."""
+        selections = []
         for model_name in config.models:
             run.label_names[model_name] = res.label_names(model_name)
             num_classes = len(run.label_names[model_name])
@@ -309,7 +371,7 @@ def run_study(
                                 cell = Cell(
                                     "dev", model_name, config.dev, protocol, strategy, options, seed
                                 )
-                                result = get(cell)
+                                result = dev(cell)
                                 if result["status"] == "ok":
                                     values.append(_score(result, config.select_metric, num_classes))
                             value = float(np.mean(values)) if values else float("nan")
@@ -317,10 +379,28 @@ def run_study(
                             if value > best:  # NaN never wins
                                 best, chosen = value, options
                     selection["selected"] = chosen
-                    run.selections.append(selection)
+                    selections.append(selection)
                     for dataset in config.eval:
                         for seed in config.seeds:
-                            get(Cell("eval", model_name, dataset, protocol, strategy, chosen, seed))
+                            evaluate(
+                                Cell("eval", model_name, dataset, protocol, strategy, chosen, seed)
+                            )
+        return selections
+
+    try:
+        if executor is not None:
+            dev_cells: list[Cell] = []
+
+            def plan(cell: Cell) -> dict[str, Any]:
+                dev_cells.append(cell)
+                return {"status": "planned"}  # no score yet: the plan needs only the cells
+
+            walk(plan, lambda c: None)
+            prefetch(dev_cells)
+            eval_cells: list[Cell] = []
+            walk(peek, eval_cells.append)
+            prefetch(eval_cells)
+        run.selections = walk(get, get)
     finally:
         bar.close()
         run.wall_s = time.perf_counter() - start
